@@ -1,0 +1,126 @@
+"""Peak memory of one call of an op.
+
+CUDA: in process, torch.cuda peak statistics.  op_peak_bytes = peak allocated during the call
+minus what was allocated just before it (inputs, parameters); abs_peak_bytes = the peak itself.
+
+CPU: in a fresh Python process (one per measurement), so that nothing the benchmark process
+did before (other providers, allocator caches) is counted.  The child builds the inputs, runs
+one tiny warm-up call of the op (libraries, kernels and thread pools loaded), reads its
+current RSS from /proc/self/statm, runs the op once and reads its peak RSS:
+op_peak_bytes = peak RSS after the op - RSS just before it.
+
+Peak RSS is the kernel's per-process high-water mark (VmHWM in /proc/self/status, reset to the
+current RSS just before the op through /proc/self/clear_refs).  getrusage's ru_maxrss reads
+the same counter but is never reset, and across fork+exec it inherits the *parent's* peak (a
+child of a 1.5 GB pytest process starts with ru_maxrss = 1.5 GB), so it is used only as a
+fallback where /proc is missing, and reported alongside as ru_maxrss_bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now, from /proc/self/statm (second field, in pages)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def ru_maxrss_bytes() -> int:
+    """getrusage peak RSS (kilobytes on Linux). Inherited across fork+exec: see the module doc."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_bytes() -> int:
+    """This process's RSS high-water mark (VmHWM), or ru_maxrss where /proc lacks it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return ru_maxrss_bytes()
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0). False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_rss_growth(fn) -> dict:
+    """Run fn() once in this process and return the RSS growth it caused (see the module doc).
+    Call it in a fresh process after the inputs are built and fn's libraries are loaded."""
+    gc.collect()
+    before = current_rss_bytes()
+    maxrss_before = ru_maxrss_bytes()
+    hwm_reset = reset_peak_rss()
+    out = fn()
+    peak = peak_rss_bytes() if hwm_reset else ru_maxrss_bytes()
+    del out
+    return dict(
+        op_peak_bytes=max(0, peak - before), abs_peak_bytes=peak, rss_before_bytes=before,
+        ru_maxrss_bytes=ru_maxrss_bytes(), ru_maxrss_before_bytes=maxrss_before,
+        peak_source="VmHWM" if hwm_reset else "ru_maxrss",
+    )
+
+
+def measure_cpu_op_memory(case_name: str, provider: str, mode: str, *, timeout: float = 1800) -> dict:
+    """RSS growth of one call of (case, provider, mode), measured in a fresh Python process."""
+    from bench._common import REPO_ROOT  # noqa: PLC0415
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from bench._memory import _child_main; _child_main(sys.argv[2:])")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-c", code, REPO_ROOT, case_name, provider, mode],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child_main(argv) -> None:
+    from bench._common import CASES_BY_NAME, input_bytes, make_inputs, make_step  # noqa: PLC0415
+
+    case_name, provider, mode = argv
+    case = CASES_BY_NAME[case_name]
+    grad = mode == "fwdbwd"
+    # One tiny call first: same provider, mode, dtype and H; 2 rows of 4 positions, a small vocab.
+    tiny = dataclasses.replace(case, rows=2, seq=4, vocab=min(case.vocab, 256))
+    make_step(provider, mode, make_inputs(tiny, requires_grad=grad), case.device)()
+    inputs = make_inputs(case, requires_grad=grad)
+    step = make_step(provider, mode, inputs, case.device)
+    result = measure_rss_growth(step)
+    result["input_bytes"] = input_bytes(inputs)
+    print(json.dumps(result))
+
+
+def measure_cuda_op_memory(step) -> dict:
+    """Peak CUDA memory of one call of step() above what was allocated before it."""
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    reserved = torch.cuda.max_memory_reserved()
+    del out
+    return dict(op_peak_bytes=peak - before, abs_peak_bytes=peak, allocated_before_bytes=before,
+                reserved_peak_bytes=reserved, peak_source="torch.cuda.max_memory_allocated")

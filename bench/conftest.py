@@ -1,0 +1,55 @@
+"""Benchmark session plumbing: the `slow` marker, the rows each benchmark records, and, with
+REBEL_BENCH_SAVE=1, bench/results/<device-slug>_<date>_loss.json written at session end."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+
+import pytest
+import torch
+
+from bench._common import environment, slug
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+_ROWS = pytest.StashKey[list]()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: big shapes, run only with REBEL_BENCH_FULL=1")
+    config.stash[_ROWS] = []
+
+
+@pytest.fixture
+def bench_rows(request) -> list:
+    """Append one dict per measured (case, provider, mode); saved at session end."""
+    return request.config.stash[_ROWS]
+
+
+@pytest.fixture(autouse=True)
+def _release_memory():
+    yield
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def results_path(env: dict, suite: str = "loss") -> str:
+    return os.path.join(RESULTS_DIR, f"{slug(env['device'])}_{env['date']}_{suite}.json")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("REBEL_BENCH_SAVE", "0") != "1":
+        return
+    rows = session.config.stash.get(_ROWS, [])
+    if not rows:
+        return
+    env = environment()
+    path = results_path(env)
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(suite="loss", environment=env, rows=rows), f, indent=1)
+        f.write("\n")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"rebel bench: wrote {len(rows)} rows to {os.path.relpath(path)}")

@@ -1,0 +1,132 @@
+"""fused_rebel_loss / fused_token_logprobs vs naive PyTorch: time (pytest-benchmark) and peak memory.
+
+    python -m pytest bench/ -q                                   # CPU: tiny shapes, quick
+    REBEL_BENCH_FULL=1 python -m pytest bench/ -q -m slow        # CPU acceptance shape
+    REBEL_BENCH_SAVE=1 python -m pytest bench/                   # + bench/results/<device>_<date>_loss.json
+    python bench/report.py                                       # markdown table of bench/results/*loss*.json
+
+Each benchmark's numbers are in benchmark.extra_info (pytest-benchmark's own --benchmark-json
+carries them too) and in the rows the session saves.  See bench/_common.py for the shapes and
+the FLOP accounting, bench/_memory.py for how memory is measured.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench._common import (
+    CASES,
+    MODES,
+    PROVIDERS,
+    Case,
+    describe,
+    fused_ops,
+    input_bytes,
+    make_inputs,
+    make_step,
+    naive_rebel_loss,
+    naive_token_logprobs,
+    skip_reason,
+    timing_summary,
+)
+from bench._memory import measure_cpu_op_memory, measure_cuda_op_memory
+
+
+def _case_params():
+    for case in CASES:
+        marks = [pytest.mark.slow] if case.full_only else []
+        yield pytest.param(case, id=case.name, marks=marks)
+
+
+def _benchmark_times(benchmark) -> list[float]:
+    """Per-round seconds of the last pedantic run; [] with --benchmark-disable."""
+    meta = getattr(benchmark, "stats", None)
+    stats = getattr(meta, "stats", None)
+    return list(getattr(stats, "data", None) or [])
+
+
+def _oom_errors():
+    return (torch.cuda.OutOfMemoryError,) if hasattr(torch.cuda, "OutOfMemoryError") else (RuntimeError,)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", _case_params())
+def test_loss(benchmark, bench_rows, request, case: Case, provider: str, mode: str):
+    reason = skip_reason(case)
+    if reason:
+        pytest.skip(reason)
+    if provider == "fused" and fused_ops() is None:
+        pytest.skip("rebel_kernels.fused_rebel_loss is not available yet")
+    benchmark.group = f"{case.name}-{mode}"
+    info = describe(case, provider, mode)
+    info["test"] = request.node.name
+
+    inputs = make_inputs(case, requires_grad=mode == "fwdbwd")
+    info["input_bytes"] = input_bytes(inputs)
+    step = make_step(provider, mode, inputs, case.device)
+    try:
+        step()  # first call: kernel compilation / autotuning stays out of every measurement
+        if case.device == "cuda":
+            info.update(measure_cuda_op_memory(step))
+    except _oom_errors() as exc:
+        if case.device != "cuda" or "out of memory" not in str(exc).lower():
+            raise
+        info.update(status="oom", error=str(exc).splitlines()[0])
+        benchmark.extra_info.update(info)
+        bench_rows.append(info)
+        pytest.skip(f"{provider} {mode} {case.name}: CUDA out of memory")
+    if case.device == "cpu":
+        info.update(measure_cpu_op_memory(case.name, provider, mode))
+
+    benchmark.pedantic(step, rounds=case.rounds, warmup_rounds=case.warmup_rounds, iterations=1)
+    times = _benchmark_times(benchmark)
+    info["status"] = "ok" if times else "not-timed"
+    if times:
+        info.update(timing_summary(times, info["flop"]))
+    benchmark.extra_info.update(info)
+    bench_rows.append(info)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two providers must compute the same thing, or the comparison means nothing.
+
+
+def _tiny_inputs(response_fraction: float, requires_grad: bool):
+    case = Case("check", "cpu", "float32", 4, 16, 32, 300, response_fraction)
+    return make_inputs(case, requires_grad=requires_grad, seed=1)
+
+
+@pytest.mark.parametrize("response_fraction", [1.0, 0.25])
+def test_naive_matches_reference(response_fraction):
+    from rebel_kernels.reference import reference_rebel_loss, reference_token_logprobs  # noqa: PLC0415
+
+    x = _tiny_inputs(response_fraction, requires_grad=True)
+    args = (x["hidden"], x["weight"], x["labels"])
+    torch.testing.assert_close(naive_token_logprobs(*args), reference_token_logprobs(*args))
+    loss = naive_rebel_loss(*args, x["old_logprobs"], x["rewards"])
+    ref = reference_rebel_loss(*args, x["old_logprobs"], x["rewards"])
+    torch.testing.assert_close(loss, ref)
+    g = torch.autograd.grad(loss, (x["hidden"], x["weight"]))
+    g_ref = torch.autograd.grad(ref, (x["hidden"], x["weight"]))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("response_fraction", [1.0, 0.25])
+def test_fused_matches_naive(response_fraction):
+    ops = fused_ops()
+    if ops is None:
+        pytest.skip("rebel_kernels.fused_rebel_loss is not available yet")
+    fused_logprobs, fused_loss = ops
+    x = _tiny_inputs(response_fraction, requires_grad=True)
+    args = (x["hidden"], x["weight"], x["labels"])
+    with torch.no_grad():
+        torch.testing.assert_close(fused_logprobs(*args), naive_token_logprobs(*args), rtol=1e-4, atol=1e-4)
+    loss = fused_loss(*args, x["old_logprobs"], x["rewards"])
+    ref = naive_rebel_loss(*args, x["old_logprobs"], x["rewards"])
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    g = torch.autograd.grad(loss, (x["hidden"], x["weight"]))
+    g_ref = torch.autograd.grad(ref, (x["hidden"], x["weight"]))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,123 @@
+"""Argument checks of the public functions. Every message names the argument and its bad value."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def tensor(name: str, value, *, floating: bool = False) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype {FLOAT_DTYPES}, got {value.dtype}")
+
+
+def positive_finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return float(value)
+
+
+def unshard(name: str, value):
+    """A DTensor weight must be gathered by the caller: a shard would silently give wrong logits."""
+    try:
+        from torch.distributed.tensor import DTensor, Replicate
+    except ImportError:  # torch built without distributed
+        return value
+    if isinstance(value, DTensor):
+        if all(isinstance(p, Replicate) for p in value.placements):
+            return value.to_local()
+        raise ValueError(
+            f"{name} is a DTensor sharded as {value.placements}; pass the gathered weight, e.g. call the "
+            f"op inside the FSDP-wrapped module's forward with `self.lm_head.weight`, or use "
+            f"`{name}.full_tensor()`"
+        )
+    return value
+
+
+def token_inputs(hidden, weight, labels, bias, temperature, ignore_index) -> float:
+    """Shape, dtype and device checks shared by both ops. Returns the temperature as a float."""
+    tensor("hidden", hidden, floating=True)
+    tensor("weight", weight, floating=True)
+    tensor("labels", labels)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dim must equal weight's H={weight.shape[1]}, got hidden shape {tuple(hidden.shape)}"
+        )
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal hidden.shape[:-1] = {tuple(hidden.shape[:-1])}"
+        )
+    if labels.numel() == 0:
+        raise ValueError(f"empty batch: labels has shape {tuple(labels.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight has an empty vocabulary: shape {tuple(weight.shape)}")
+    same_device("weight", weight, hidden)
+    same_device("labels", labels, hidden)
+    if bias is not None:
+        tensor("bias", bias, floating=True)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
+        same_device("bias", bias, hidden)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    return positive_finite("temperature", temperature)
+
+
+def same_device(name: str, value: torch.Tensor, hidden: torch.Tensor) -> None:
+    if value.device != hidden.device:
+        raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}")
+
+
+def loss_inputs(hidden, labels, old_logprobs, rewards, eta, reduction) -> float:
+    """Checks specific to the paired loss (after `token_inputs`). Returns eta as a float."""
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be 3-D [2B, T, H], got shape {tuple(hidden.shape)}")
+    rows, t = labels.shape
+    if rows % 2:
+        raise ValueError(f"hidden must have an even number of rows 2B (pairs i, B+i), got {rows}")
+    tensor("old_logprobs", old_logprobs, floating=True)
+    tensor("rewards", rewards, floating=True)
+    if tuple(old_logprobs.shape) not in ((rows, t), (rows,)):
+        raise ValueError(
+            f"old_logprobs must have shape ({rows}, {t}) or ({rows},), got {tuple(old_logprobs.shape)}"
+        )
+    if tuple(rewards.shape) != (rows,):
+        raise ValueError(f"rewards must have shape ({rows},), got {tuple(rewards.shape)}")
+    same_device("old_logprobs", old_logprobs, hidden)
+    same_device("rewards", rewards, hidden)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return positive_finite("eta", eta)
+
+
+# Value checks: they read the data (a device sync), so the ops run them in eager code before any
+# kernel, which keeps them active under torch.compile too.
+def label_values(labels: torch.Tensor, valid: torch.Tensor, vocab: int) -> None:
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        value = labels[bad][0].item()
+        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index, got {value}")
+
+
+def finite_values(name: str, value: torch.Tensor, where: torch.Tensor | None = None) -> None:
+    bad = ~torch.isfinite(value)
+    if where is not None:
+        bad = bad & where
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite, got {value[bad][0].item()}")

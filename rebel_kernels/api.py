@@ -1,0 +1,115 @@
+"""The public ops: argument checks, backend choice, and the documentation users read."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _backend, _validate, ops  # noqa: F401  (ops registers torch.ops.rebel_kernels.*)
+
+
+def fused_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """Per-token log-probabilities log softmax((hidden @ weight.T + bias) / temperature)[labels].
+
+    Never materializes the [tokens, vocab] logits; accumulates in float32.
+
+    Args:
+        hidden: [..., H] final hidden states, float16 / bfloat16 / float32 (float64: torch backend).
+        weight: [V, H] LM head weight, same dtype. Under FSDP2 pass the gathered weight (call this
+            inside the wrapped model's forward with `model.lm_head.weight`); a sharded DTensor raises.
+        labels: [...] int64, already shifted (`hidden[..., t, :]` predicts `labels[..., t]`);
+            positions equal to `ignore_index` are skipped and cost no work.
+        bias: optional [V] head bias.
+        temperature: the sampling temperature; logits are divided by it.
+        return_entropy: also return the per-token entropy (detached: for logging only).
+
+    Returns:
+        float32 log-probabilities shaped like `labels`, exactly 0 at ignored positions (float64 for
+        float64 inputs); with `return_entropy`, the tuple (logp, entropy).
+    """
+    weight = _validate.unshard("weight", weight)
+    bias = None if bias is None else _validate.unshard("bias", bias)
+    temperature = _validate.token_inputs(hidden, weight, labels, bias, temperature, ignore_index)
+    backend = _backend.resolve(hidden)
+    logp, _, entropy = torch.ops.rebel_kernels.token_logprobs(
+        hidden, weight, bias, labels, temperature, int(ignore_index), bool(return_entropy), backend
+    )
+    return (logp, entropy.detach()) if return_entropy else logp
+
+
+def fused_rebel_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    eta: float = 1.0,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The REBEL regression loss, fused from hidden states to the squared error.
+
+    With S_i = sum_t log pi(labels[i, t] | ...) over response tokens and O_i = log pi_old(y_i):
+        loss_j = ( ((S_j - O_j) - (S_{B+j} - O_{B+j})) / eta - (rewards[j] - rewards[B+j]) )^2
+    for the pairs j = 0..B-1 (rows j and B+j).
+
+    Args:
+        hidden: [2B, T, H]; rows 0..B-1 are the responses y, rows B..2B-1 their partners y'.
+        weight, bias, labels, temperature, ignore_index: as in `fused_token_logprobs`.
+        old_logprobs: log pi_old, per token [2B, T] (ignored where labels == ignore_index) or per
+            sequence [2B].
+        rewards: [2B] rewards of each response.
+        eta: the REBEL step size 1/eta scaling the log-ratio difference.
+        reduction: "mean" over pairs, "sum", or "none" ([B] per-pair losses).
+
+    Returns:
+        float32 loss (float64 for float64 inputs), differentiable w.r.t. hidden, weight and bias.
+    """
+    weight = _validate.unshard("weight", weight)
+    bias = None if bias is None else _validate.unshard("bias", bias)
+    temperature = _validate.token_inputs(hidden, weight, labels, bias, temperature, ignore_index)
+    eta = _validate.loss_inputs(hidden, labels, old_logprobs, rewards, eta, reduction)
+    backend = _backend.resolve(hidden)
+    logp, _, _ = torch.ops.rebel_kernels.token_logprobs(
+        hidden, weight, bias, labels, temperature, int(ignore_index), False, backend
+    )
+    per_pair, _ = torch.ops.rebel_kernels.pair_loss(logp, labels, old_logprobs, rewards, eta, int(ignore_index), backend)
+    if reduction == "none":
+        return per_pair
+    return per_pair.sum() if reduction == "sum" else per_pair.mean()
+
+
+class FusedRebelLoss(nn.Module):
+    """Module form of `fused_rebel_loss`, taking the `nn.Linear` LM head in forward.
+
+    >>> loss_fn = FusedRebelLoss(eta=1.0, temperature=0.7)
+    >>> loss = loss_fn(hidden, model.lm_head, labels, old_logprobs, rewards)
+    """
+
+    def __init__(self, *, eta: float = 1.0, temperature: float = 1.0, ignore_index: int = -100,
+                 reduction: str = "mean"):
+        super().__init__()
+        self.eta, self.temperature = eta, temperature
+        self.ignore_index, self.reduction = ignore_index, reduction
+
+    def forward(self, hidden, lm_head: nn.Linear, labels, old_logprobs, rewards) -> torch.Tensor:
+        if not isinstance(lm_head, nn.Linear):
+            raise TypeError(f"lm_head must be an nn.Linear, got {type(lm_head).__name__}")
+        return fused_rebel_loss(
+            hidden, lm_head.weight, labels, old_logprobs, rewards, eta=self.eta, bias=lm_head.bias,
+            temperature=self.temperature, ignore_index=self.ignore_index, reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        return f"eta={self.eta}, temperature={self.temperature}, reduction={self.reduction!r}"

@@ -1,0 +1,182 @@
+"""torch.library registration: the ops, their fake (meta) implementations and their autograd.
+
+Three ops, each dispatching to the Triton or the chunked PyTorch backend:
+  rebel_kernels::token_logprobs           (hidden, weight, bias, labels) -> logp, lse, entropy
+  rebel_kernels::token_logprobs_backward  -> d hidden, d weight, d bias
+  rebel_kernels::pair_loss                (logp [2B, T], labels, old, rewards) -> loss [B], err [B]
+Being custom ops, they are opaque to torch.compile (no graph break) and to FSDP2.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _alloc, _validate, torch_impl
+
+
+def _compact(labels: Tensor, ignore_index: int):
+    """Flat labels, valid mask, idx [N] (flat positions of valid tokens), pos [NT] (compact index or -1)."""
+    y = labels.reshape(-1)
+    valid = y != ignore_index
+    idx = valid.nonzero().squeeze(1)
+    pos = torch.where(valid, valid.cumsum(0) - 1, -1)
+    return y, valid, idx, pos
+
+
+def _rows(hidden: Tensor) -> Tensor:
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    return h2 if h2.stride(-1) == 1 else h2.contiguous()
+
+
+def _scatter(values: Tensor, idx: Tensor, nt: int, dtype) -> Tensor:
+    out = _alloc.empty((nt,), dtype=dtype, device=values.device).zero_()
+    return out.index_copy_(0, idx, values.to(dtype))
+
+
+def _out_dtype(hidden: Tensor):
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("rebel_kernels::token_logprobs", mutates_args=())
+def token_logprobs(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+    temperature: float, ignore_index: int, return_entropy: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, valid, idx, pos = _compact(labels, ignore_index)
+    _validate.label_values(y, valid, weight.shape[0])
+    h2, nt = _rows(hidden), y.numel()
+    if backend == "triton":
+        from . import triton_kernels
+
+        logp, lse, ent = triton_kernels.token_logprobs_fwd(
+            h2, weight.contiguous(), bias, y, idx, pos, temperature, return_entropy
+        )
+    else:
+        logp_c, lse_c, ent_c = torch_impl.token_logprobs_fwd(
+            h2.index_select(0, idx), weight, bias, y.index_select(0, idx), temperature, return_entropy
+        )
+        dtype = _out_dtype(hidden)
+        logp, lse = _scatter(logp_c, idx, nt, dtype), _scatter(lse_c, idx, nt, dtype)
+        ent = _scatter(ent_c, idx, nt, dtype) if return_entropy else None
+    shape = labels.shape
+    ent = ent.view(shape) if ent is not None else hidden.new_empty(0, dtype=logp.dtype)
+    return logp.view(shape), lse.view(shape), ent
+
+
+@token_logprobs.register_fake
+def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, backend):
+    dtype = _out_dtype(hidden)
+    logp = hidden.new_empty(labels.shape, dtype=dtype)
+    ent = hidden.new_empty(labels.shape if return_entropy else (0,), dtype=dtype)
+    return logp, torch.empty_like(logp), ent
+
+
+@torch.library.custom_op("rebel_kernels::token_logprobs_backward", mutates_args=())
+def token_logprobs_backward(
+    grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
+    temperature: float, ignore_index: int, need_dh: bool, need_dw: bool, need_db: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, _, idx, _ = _compact(labels, ignore_index)
+    h2 = _rows(hidden)
+    g = grad.reshape(-1).index_select(0, idx).float()
+    lse_c = lse.reshape(-1).index_select(0, idx)
+    if backend == "triton":
+        from . import triton_kernels
+
+        dh_c, dw, db = triton_kernels.token_logprobs_bwd(
+            g, h2, weight.contiguous(), bias, y, idx, lse_c, temperature, need_dh, need_dw, need_db
+        )
+    else:
+        dh_c, dw, db = torch_impl.token_logprobs_bwd(
+            g, h2.index_select(0, idx), weight, bias, y.index_select(0, idx), lse_c,
+            temperature, need_dh, need_dw, need_db,
+        )
+    empty = hidden.new_empty(0)
+    if need_dh:
+        dh = torch.zeros_like(h2).index_copy_(0, idx, dh_c.to(hidden.dtype)).view(hidden.shape)
+    else:
+        dh = empty
+    dw = dw.to(weight.dtype) if need_dw else empty.clone()
+    db = db.to(bias.dtype) if need_db else empty.clone()
+    return dh, dw, db
+
+
+@token_logprobs_backward.register_fake
+def _(grad, hidden, weight, bias, labels, lse, temperature, ignore_index, need_dh, need_dw, need_db, backend):
+    dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
+    dw = torch.empty_like(weight) if need_dw else hidden.new_empty(0)
+    db = torch.empty_like(bias) if need_db else hidden.new_empty(0)
+    return dh, dw, db
+
+
+def _token_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index, _, backend = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+    ctx.args = (temperature, ignore_index, backend)
+
+
+def _token_backward(ctx, grad_logp, grad_lse, grad_entropy):
+    # lse and entropy are auxiliary outputs: the public API detaches the entropy, lse never leaves.
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    temperature, ignore_index, backend = ctx.args
+    need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+    need_db = need_db and bias is not None
+    if grad_logp is None or not (need_dh or need_dw or need_db):
+        return (None,) * 8
+    dh, dw, db = torch.ops.rebel_kernels.token_logprobs_backward(
+        grad_logp, hidden, weight, bias, labels, lse, temperature, ignore_index,
+        need_dh, need_dw, need_db, backend,
+    )
+    return (dh if need_dh else None, dw if need_dw else None, db if need_db else None) + (None,) * 5
+
+
+token_logprobs.register_autograd(_token_backward, setup_context=_token_setup)
+
+
+@torch.library.custom_op("rebel_kernels::pair_loss", mutates_args=())
+def pair_loss(
+    logp: Tensor, labels: Tensor, old_logprobs: Tensor, rewards: Tensor, eta: float, ignore_index: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    valid = labels != ignore_index
+    _validate.finite_values("rewards", rewards)
+    _validate.finite_values("old_logprobs", old_logprobs, valid if old_logprobs.dim() == 2 else None)
+    if backend == "triton" and logp.dtype == torch.float32:
+        from . import triton_kernels
+
+        return triton_kernels.pair_loss(logp.contiguous(), labels, old_logprobs, rewards, eta, ignore_index)
+    return torch_impl.pair_loss(logp, valid, old_logprobs, rewards, eta)
+
+
+@pair_loss.register_fake
+def _(logp, labels, old_logprobs, rewards, eta, ignore_index, backend):
+    half = logp.shape[0] // 2
+    return logp.new_empty(half), logp.new_empty(half)
+
+
+def _pair_setup(ctx, inputs, output):
+    _, labels, old_logprobs, rewards, eta, ignore_index, _ = inputs
+    ctx.save_for_backward(labels, output[1])
+    ctx.args = (eta, ignore_index, old_logprobs.dim(), old_logprobs.dtype, rewards.dtype)
+
+
+def _pair_backward(ctx, grad_loss, grad_err):
+    # loss_j = err_j^2 with err_j = (ratio_j - ratio_{B+j}) / eta - (r_j - r_{B+j}), ratio_i = S_i - O_i:
+    #   dloss_j/dS_j = 2 err_j / eta = -dloss_j/dS_{B+j},  dloss/dO = -dloss/dS,
+    #   dloss_j/dr_j = -2 err_j = -dloss_j/dr_{B+j};  dS_i/dlogp[i, t] = 1 on valid tokens.
+    labels, err = ctx.saved_tensors
+    eta, ignore_index, old_dim, old_dtype, rew_dtype = ctx.args
+    if grad_loss is None:
+        return (None,) * 7
+    two_err = 2.0 * err * grad_loss  # [B]
+    d_seq = torch.cat([two_err, -two_err]) / eta  # [2B]
+    valid = labels != ignore_index
+    d_logp = torch.where(valid, d_seq[:, None], 0.0).to(err.dtype)
+    d_old = (-d_logp if old_dim == 2 else -d_seq).to(old_dtype)
+    d_rew = torch.cat([-two_err, two_err]).to(rew_dtype)
+    return d_logp, None, d_old, d_rew, None, None, None
+
+
+pair_loss.register_autograd(_pair_backward, setup_context=_pair_setup)

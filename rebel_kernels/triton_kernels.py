@@ -1,0 +1,338 @@
+"""Triton kernels and their launchers.
+
+All kernels work on the compacted valid tokens: `idx[r]` is the flat position of the r-th token
+whose label is not `ignore_index`, so prompt and padding rows cost nothing. No kernel writes a
+[tokens, vocab] tensor: logits live in registers, one [BLOCK_M, BLOCK_N] tile at a time.
+
+Forward (deterministic: fixed loop orders, no atomics, and per-row results that do not depend on
+the batch around the row, since the vocabulary is split at fixed offsets):
+  1. `_fwd_partial_kernel`, grid (vocab splits, token blocks): for its token block and its slice of
+     the vocabulary, the online max m, sum s = sum exp(z - m), sum exp(z - m) * z (entropy) and the
+     target logit, with z = (h W^T + b) / T computed tile by tile on chip.
+  2. `_fwd_combine_kernel`: merges the splits in a fixed order into lse, logp = z_y - lse and the
+     entropy lse - E_p[z], and writes every dense position (0 where the label is ignored).
+Backward: `_bwd_kernel`, one program per (token block, vocab tile), recomputes the tile of logits
+and accumulates d hidden, d weight and d bias with float32 atomics (so the backward, unlike the
+forward, is not bitwise deterministic).
+Loss epilogue: `_pair_loss_kernel`, one program per pair.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _alloc
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split_v: int = 0  # forward: vocabulary columns per split (a multiple of block_n)
+    group_m: int = 8  # backward: token blocks that share the L2-resident vocab tiles
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Tiles per (GPU generation, pass). Chosen for bf16/fp16; float32 halves block_k.
+_TABLE = {
+    "interpret": {
+        "fwd": TileConfig(block_m=16, block_n=32, block_k=16, num_warps=1, num_stages=1, split_v=64),
+        "bwd": TileConfig(block_m=16, block_n=32, block_k=16, num_warps=1, num_stages=1, group_m=2),
+    },
+    "sm90": {
+        "fwd": TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, split_v=8192),
+        "bwd": TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, group_m=8),
+    },
+    "sm80": {  # A100 / A6000 (sm_86 has ~100 KB shared memory per block)
+        "fwd": TileConfig(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=3, split_v=8192),
+        "bwd": TileConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=2, group_m=8),
+    },
+}
+
+
+def tile_config(kind: str, device: torch.device, dtype: torch.dtype) -> TileConfig:
+    if interpreting() or device.type != "cuda":
+        return _TABLE["interpret"][kind]
+    major, _ = torch.cuda.get_device_capability(device)
+    cfg = _TABLE["sm90" if major >= 9 else "sm80"][kind]
+    if dtype == torch.float32:
+        cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2, num_stages=max(2, cfg.num_stages - 1))
+    return cfg
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs get exact float32 products (no tf32), so they match a float64 reference to 1e-5.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _logits_tile(h_ptr, src, rmask, w_ptr, cols, cmask, H, stride_h, stride_w,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """acc[m, n] = sum_k h[src[m], k] * w[cols[n], k], float32 accumulation.  -> [BLOCK_M, BLOCK_N]"""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < H
+        a = tl.load(h_ptr + src[:, None] * stride_h + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _fwd_partial_kernel(
+    h_ptr, idx_ptr, w_ptr, b_ptr, y_ptr,          # hidden [*, H], idx [N], weight [V, H], bias [V], labels [*]
+    m_ptr, s_ptr, t_ptr, sz_ptr,                  # partials [num_splits, N] float32
+    N, V, H, stride_h, stride_w, inv_temp,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SPLIT_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Split index varies fastest: the programs resident at one time cover few token blocks (their
+    # hidden rows stay in L2) and every split (each vocab tile is read once per resident group).
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    src = tl.load(idx_ptr + rows, mask=rmask, other=0)
+    y = tl.load(y_ptr + src, mask=rmask, other=-1)
+
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sz = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    v_begin = pid_s * SPLIT_V
+    v_end = tl.minimum(v_begin + SPLIT_V, V)
+    for v0 in range(v_begin, v_end, BLOCK_N):
+        cols = v0 + tl.arange(0, BLOCK_N)
+        cmask = cols < v_end
+        acc = _logits_tile(h_ptr, src, rmask, w_ptr, cols, cmask, H, stride_h, stride_w,
+                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(cmask[None, :], acc * inv_temp, float("-inf"))
+        t += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])
+        s = s * alpha + tl.sum(e, axis=1)
+        if WITH_ENTROPY:
+            sz = sz * alpha + tl.sum(e * tl.where(cmask[None, :], z, 0.0), axis=1)
+        m = m_new
+    out = pid_s * N + rows
+    tl.store(m_ptr + out, m, mask=rmask)
+    tl.store(s_ptr + out, s, mask=rmask)
+    tl.store(t_ptr + out, t, mask=rmask)
+    if WITH_ENTROPY:
+        tl.store(sz_ptr + out, sz, mask=rmask)
+
+
+@triton.jit
+def _fwd_combine_kernel(
+    m_ptr, s_ptr, t_ptr, sz_ptr, pos_ptr,         # partials [S, N]; pos [NT]: compact row or -1
+    logp_ptr, lse_ptr, ent_ptr,                   # dense outputs [NT] float32
+    NT, N, NUM_SPLITS, WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < NT
+    pos = tl.load(pos_ptr + offs, mask=inb, other=-1)
+    valid = pos >= 0
+    row = tl.where(valid, pos, 0)
+    lmask = inb & valid
+    big_m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    for i in range(0, NUM_SPLITS):
+        big_m = tl.maximum(big_m, tl.load(m_ptr + i * N + row, mask=lmask, other=0.0))
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    sz = tl.zeros((BLOCK,), dtype=tl.float32)
+    t = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, NUM_SPLITS):
+        scale = tl.exp(tl.load(m_ptr + i * N + row, mask=lmask, other=0.0) - big_m)
+        s += tl.load(s_ptr + i * N + row, mask=lmask, other=0.0) * scale
+        t += tl.load(t_ptr + i * N + row, mask=lmask, other=0.0)
+        if WITH_ENTROPY:
+            sz += tl.load(sz_ptr + i * N + row, mask=lmask, other=0.0) * scale
+    s = tl.where(valid, s, 1.0)
+    lse = tl.where(valid, big_m + tl.log(s), 0.0)
+    tl.store(lse_ptr + offs, lse, mask=inb)
+    tl.store(logp_ptr + offs, tl.where(valid, t - lse, 0.0), mask=inb)
+    if WITH_ENTROPY:
+        tl.store(ent_ptr + offs, tl.where(valid, lse - sz / s, 0.0), mask=inb)
+
+
+def token_logprobs_fwd(h2, weight, bias, y, idx, pos, temperature: float, with_entropy: bool, config=None):
+    """h2 [NT, H] (row-contiguous), y [NT], idx [N] valid flat rows, pos [NT] compact index or -1.
+
+    Returns dense float32 (logp [NT], lse [NT], entropy [NT] or None).
+    """
+    nt, hdim = h2.shape
+    vocab = weight.shape[0]
+    n = idx.numel()
+    cfg = config or tile_config("fwd", h2.device, h2.dtype)
+    split_v = max(cfg.block_n, min(cfg.split_v, triton.cdiv(vocab, cfg.block_n) * cfg.block_n))
+    num_splits = triton.cdiv(vocab, split_v)
+    dev = h2.device
+    parts = _alloc.empty((4, num_splits, max(n, 1)), dtype=torch.float32, device=dev)
+    if n > 0:
+        _fwd_partial_kernel[(num_splits, triton.cdiv(n, cfg.block_m))](
+            h2, idx, weight, bias if bias is not None else weight, y,
+            parts[0], parts[1], parts[2], parts[3],
+            n, vocab, hdim, h2.stride(0), weight.stride(0), 1.0 / temperature,
+            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, SPLIT_V=split_v,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            DOT_PRECISION=_dot_precision(h2.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    logp = _alloc.empty((nt,), dtype=torch.float32, device=dev)
+    lse = _alloc.empty((nt,), dtype=torch.float32, device=dev)
+    ent = _alloc.empty((nt,), dtype=torch.float32, device=dev) if with_entropy else logp
+    block = 256
+    _fwd_combine_kernel[(triton.cdiv(nt, block),)](
+        parts[0], parts[1], parts[2], parts[3], pos, logp, lse, ent,
+        nt, max(n, 1), num_splits, WITH_ENTROPY=with_entropy, BLOCK=block,
+    )
+    return logp, lse, (ent if with_entropy else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+# For a token with label y, upstream gradient g = dL/dlogp and z = (h W^T + b) / T:
+#   dL/dz_v = g * (1[v = y] - softmax(z)_v),   softmax(z)_v = exp(z_v - lse)
+#   dz := dL/d(h W^T + b) = g * (onehot(y) - p) / T                       [BLOCK_M, BLOCK_N], float32
+#   dh += dz @ W[tile],   dW[tile] += dz^T @ h,   db[tile] += sum_m dz
+# dz is formed in float32 and rounded once to the input dtype for the two tensor-core products,
+# whose results are accumulated in float32 buffers (never summed in bf16).
+@triton.jit
+def _bwd_kernel(
+    h_ptr, idx_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr,   # lse, g: compact [N] float32
+    dh_ptr, dw_ptr, db_ptr,                                # float32 accumulators [N, H], [V, H], [V]
+    N, V, H, stride_h, stride_w, inv_temp,
+    HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M token blocks sweep the vocab tiles together, for L2 reuse.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N, BLOCK_M)
+    num_v = tl.cdiv(V, BLOCK_N)
+    per_group = GROUP_M * num_v
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_v = (pid % per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    src = tl.load(idx_ptr + rows, mask=rmask, other=0)
+    y = tl.load(y_ptr + src, mask=rmask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+    cols = pid_v * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < V
+
+    acc = _logits_tile(h_ptr, src, rmask, w_ptr, cols, cmask, H, stride_h, stride_w,
+                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    p = tl.exp(acc * inv_temp - lse[:, None])
+    onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
+    dz = (onehot - p) * (g * inv_temp)[:, None]
+    dz = tl.where(rmask[:, None] & cmask[None, :], dz, 0.0)
+    if NEED_DB:
+        tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=cmask, sem="relaxed")
+    dzc = dz.to(h_ptr.dtype.element_ty)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < H
+        if NEED_DH:
+            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            dh = tl.dot(dzc, w, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_K]
+            tl.atomic_add(dh_ptr + rows[:, None] * H + ks[None, :], dh,
+                          mask=rmask[:, None] & kmask[None, :], sem="relaxed")
+        if NEED_DW:
+            a = tl.load(h_ptr + src[:, None] * stride_h + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            dw = tl.dot(tl.trans(dzc), a, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_K]
+            tl.atomic_add(dw_ptr + cols[:, None] * H + ks[None, :], dw,
+                          mask=cmask[:, None] & kmask[None, :], sem="relaxed")
+
+
+def token_logprobs_bwd(g, h2, weight, bias, y, idx, lse, temperature: float,
+                       need_dh: bool, need_dw: bool, need_db: bool, config=None):
+    """g, lse: compact [N] float32. Returns float32 (dh [N, H] compact, dw [V, H], db [V]) or None each."""
+    n = idx.numel()
+    vocab, hdim = weight.shape
+    dev = h2.device
+    cfg = config or tile_config("bwd", dev, h2.dtype)
+    dh = torch.zeros((n, hdim), dtype=torch.float32, device=dev) if need_dh else None
+    dw = torch.zeros((vocab, hdim), dtype=torch.float32, device=dev) if need_dw else None
+    db = torch.zeros((vocab,), dtype=torch.float32, device=dev) if need_db else None
+    if n > 0 and (need_dh or need_dw or need_db):
+        grid = (triton.cdiv(n, cfg.block_m) * triton.cdiv(vocab, cfg.block_n),)
+        _bwd_kernel[grid](
+            h2, idx, weight, bias if bias is not None else weight, y, lse, g,
+            dh if need_dh else g, dw if need_dw else g, db if need_db else g,
+            n, vocab, hdim, h2.stride(0), weight.stride(0), 1.0 / temperature,
+            HAS_BIAS=bias is not None, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            DOT_PRECISION=_dot_precision(h2.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return dh, dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# loss epilogue
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _pair_loss_kernel(
+    logp_ptr, y_ptr, old_ptr, rew_ptr, loss_ptr, err_ptr,   # logp, labels [2B, T]; old [2B, T] or [2B]
+    B, T, eta, ignore_index,
+    OLD_PER_TOKEN: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # err_j = ((S_j - O_j) - (S_{B+j} - O_{B+j})) / eta - (r_j - r_{B+j}),  loss_j = err_j^2,
+    # S_i = sum_t logp[i, t], O_i the old log-probability of sequence i; sums in a fixed order.
+    j = tl.program_id(0)
+    acc_y = tl.zeros((BLOCK_T,), dtype=tl.float32)   # S_j - S_{B+j}, per lane
+    acc_o = tl.zeros((BLOCK_T,), dtype=tl.float32)   # O_j - O_{B+j}, per lane (per-token form)
+    for t0 in range(0, T, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        tm = ts < T
+        acc_y += tl.load(logp_ptr + j * T + ts, mask=tm, other=0.0)
+        acc_y -= tl.load(logp_ptr + (B + j) * T + ts, mask=tm, other=0.0)
+        if OLD_PER_TOKEN:
+            v0 = tl.load(y_ptr + j * T + ts, mask=tm, other=ignore_index) != ignore_index
+            v1 = tl.load(y_ptr + (B + j) * T + ts, mask=tm, other=ignore_index) != ignore_index
+            acc_o += tl.load(old_ptr + j * T + ts, mask=tm & v0, other=0.0).to(tl.float32)
+            acc_o -= tl.load(old_ptr + (B + j) * T + ts, mask=tm & v1, other=0.0).to(tl.float32)
+    ratio_diff = tl.sum(acc_y, axis=0) - tl.sum(acc_o, axis=0)
+    if not OLD_PER_TOKEN:
+        ratio_diff -= tl.load(old_ptr + j).to(tl.float32) - tl.load(old_ptr + B + j).to(tl.float32)
+    reward_diff = tl.load(rew_ptr + j).to(tl.float32) - tl.load(rew_ptr + B + j).to(tl.float32)
+    err = ratio_diff / eta - reward_diff
+    tl.store(err_ptr + j, err)
+    tl.store(loss_ptr + j, err * err)
+
+
+def pair_loss(logp, labels, old_logprobs, rewards, eta: float, ignore_index: int):
+    """logp [2B, T] float32 contiguous -> (loss [B], err [B]) float32."""
+    rows, t = logp.shape
+    b = rows // 2
+    loss = _alloc.empty((b,), dtype=torch.float32, device=logp.device)
+    err = _alloc.empty((b,), dtype=torch.float32, device=logp.device)
+    _pair_loss_kernel[(b,)](
+        logp, labels.contiguous(), old_logprobs.contiguous(), rewards.contiguous(), loss, err,
+        b, t, float(eta), int(ignore_index),
+        OLD_PER_TOKEN=old_logprobs.dim() == 2, BLOCK_T=min(1024, triton.next_power_of_2(max(t, 16))),
+    )
+    return loss, err

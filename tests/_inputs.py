@@ -1,0 +1,173 @@
+"""Shared test helpers: random REBEL batches, float64 copies, gradients and error measures."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+
+# Machine epsilon (spacing of floats at 1.0) of the dtypes under test.
+EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23, torch.float64: 2.0**-52}
+
+
+def new_seed() -> int:
+    """A fresh 31-bit seed from os.urandom, or $REBEL_TEST_SEED to replay a failure."""
+    fixed = os.environ.get("REBEL_TEST_SEED")
+    if fixed:
+        return int(fixed)
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def make_labels(
+    gen: torch.Generator, rows: int, T: int, V: int, *, ignore_index: int = -100, masked_rows=()
+) -> torch.Tensor:
+    """[rows, T] int64 labels laid out like REBEL batches: ignored prompt, >= 1 response token, ignored padding.
+
+    Rows listed in `masked_rows` are fully ignored (a response with no token in the window).
+    """
+    labels = torch.randint(0, V, (rows, T), generator=gen, dtype=torch.int64)
+    for r in range(rows):
+        start = int(torch.randint(0, T, (1,), generator=gen))  # first response position
+        end = int(torch.randint(start + 1, T + 1, (1,), generator=gen))  # one past the last
+        labels[r, :start] = ignore_index
+        labels[r, end:] = ignore_index
+    for r in masked_rows:
+        labels[r] = ignore_index
+    return labels
+
+
+@dataclasses.dataclass
+class Batch:
+    """One REBEL micro-batch. hidden [2B, T, H], weight [V, H], bias [V] | None, labels [2B, T],
+    old_logprobs [2B, T] or [2B], rewards [2B]. hidden, weight and bias are leaves requiring grad."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    labels: torch.Tensor
+    old_logprobs: torch.Tensor
+    rewards: torch.Tensor
+    ignore_index: int = -100
+
+    @property
+    def pairs(self) -> int:
+        return self.hidden.shape[0] // 2
+
+    def leaves(self) -> list[torch.Tensor]:
+        """The differentiable inputs, in the order hidden, weight[, bias]."""
+        out = [self.hidden, self.weight]
+        return out if self.bias is None else out + [self.bias]
+
+    def to64(self) -> "Batch":
+        """Detached float64 copies (fresh leaves requiring grad) for the reference."""
+
+        def leaf(t):
+            return None if t is None else t.detach().to(torch.float64).requires_grad_(True)
+
+        return Batch(
+            leaf(self.hidden),
+            leaf(self.weight),
+            leaf(self.bias),
+            self.labels,
+            self.old_logprobs.detach().to(torch.float64),
+            self.rewards.detach().to(torch.float64),
+            self.ignore_index,
+        )
+
+    def loss_args(self):
+        """Positional arguments of fused_rebel_loss / reference_rebel_loss."""
+        return self.hidden, self.weight, self.labels, self.old_logprobs, self.rewards
+
+
+def make_batch(
+    seed: int,
+    *,
+    pairs: int = 2,
+    T: int = 5,
+    H: int = 16,
+    V: int = 67,
+    dtype: torch.dtype = torch.float32,
+    bias: bool = True,
+    old: str = "token",
+    ignore_index: int = -100,
+    masked_rows=(),
+    garbage: bool = True,
+    logit_scale: float = 2.0,
+    device="cpu",
+) -> Batch:
+    """A random REBEL batch. Values are drawn in float32 and rounded once to `dtype`.
+
+    Logits have a standard deviation of about `logit_scale`. With `garbage`, per-token old
+    log-probabilities hold NaN / +-inf / 1e30 at ignored positions (which the ops must not read).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2 * pairs
+    hidden = torch.randn(rows, T, H, generator=gen)
+    weight = torch.randn(V, H, generator=gen) * (logit_scale / math.sqrt(H))
+    b = torch.randn(V, generator=gen) * 0.5 if bias else None
+    labels = make_labels(gen, rows, T, V, ignore_index=ignore_index, masked_rows=masked_rows)
+    valid = labels != ignore_index
+    if old == "token":
+        old_lp = -torch.rand(rows, T, generator=gen) * 4.0
+        if garbage:
+            junk = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e30])
+            pick = torch.randint(0, 4, (rows, T), generator=gen)
+            old_lp = torch.where(valid, old_lp, junk[pick])
+    elif old == "seq":
+        old_lp = -torch.rand(rows, generator=gen) * 4.0 * T
+    else:
+        raise AssertionError(old)
+    rewards = torch.randn(rows, generator=gen)
+
+    def leaf(t):
+        return None if t is None else t.to(device=device, dtype=dtype).requires_grad_(True)
+
+    return Batch(
+        leaf(hidden),
+        leaf(weight),
+        leaf(b),
+        labels.to(device),
+        old_lp.to(device),
+        rewards.to(device),
+        ignore_index,
+    )
+
+
+def value_and_grads(out: torch.Tensor, leaves, grad_out: torch.Tensor | None = None):
+    """(out, grads of `out` w.r.t. leaves); a non-scalar `out` is contracted with `grad_out`."""
+    if out.dim() != 0 and grad_out is None:
+        raise AssertionError("non-scalar output needs grad_out")
+    grads = torch.autograd.grad(out, leaves, grad_outputs=None if out.dim() == 0 else grad_out)
+    return out.detach(), [g.detach() for g in grads]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """norm(out - ref) / max(norm(ref), floor), computed in float64."""
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    out64, ref64 = out.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
+    num = torch.linalg.vector_norm(out64 - ref64).item()
+    den = max(torch.linalg.vector_norm(ref64).item(), floor)
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def assert_rel(out, ref, tol: float, what: str, seed: int, floor: float = 1e-3):
+    """Relative error check. The floor (default 1e-3) makes an all-zero reference (V = 1, where every
+    log-probability and gradient is exactly 0) accept absolute errors below ~1e-7, one float32 ulp at 1."""
+    err = rel_err(out, ref, floor)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} (seed={seed}, REBEL_TEST_SEED={seed} to replay)"
+
+
+def torch_lowp_token_logprobs(batch: Batch, temperature: float) -> torch.Tensor:
+    """What plain PyTorch does in the batch's dtype: logits in that dtype, log_softmax, gather."""
+    logits = batch.hidden @ batch.weight.T
+    if batch.bias is not None:
+        logits = logits + batch.bias
+    logits = logits / temperature
+    logsm = torch.log_softmax(logits, dim=-1)
+    valid = batch.labels != batch.ignore_index
+    safe = torch.where(valid, batch.labels, torch.zeros_like(batch.labels))
+    logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, logp, torch.zeros_like(logp))
