@@ -18,7 +18,7 @@ from . import _alloc, _validate, torch_impl
 
 def _compact(labels: Tensor, ignore_index: int):
     """Flat labels, valid mask, idx [N] (flat positions of valid tokens), pos [NT] (compact index or -1)."""
-    y = labels.reshape(-1)
+    y = labels.reshape(-1).contiguous()
     valid = y != ignore_index
     idx = valid.nonzero().squeeze(1)
     pos = torch.where(valid, valid.cumsum(0) - 1, -1)
@@ -51,7 +51,7 @@ def token_logprobs(
         from . import triton_kernels
 
         logp, lse, ent = triton_kernels.token_logprobs_fwd(
-            h2, weight.contiguous(), bias, y, idx, pos, temperature, return_entropy
+            h2, weight.contiguous(), None if bias is None else bias.contiguous(), y, idx, pos, temperature, return_entropy
         )
     else:
         logp_c, lse_c, ent_c = torch_impl.token_logprobs_fwd(
@@ -86,7 +86,7 @@ def token_logprobs_backward(
         from . import triton_kernels
 
         dh_c, dw, db = triton_kernels.token_logprobs_bwd(
-            g, h2, weight.contiguous(), bias, y, idx, lse_c, temperature, need_dh, need_dw, need_db
+            g, h2, weight.contiguous(), None if bias is None else bias.contiguous(), y, idx, lse_c, temperature, need_dh, need_dw, need_db
         )
     else:
         dh_c, dw, db = torch_impl.token_logprobs_bwd(

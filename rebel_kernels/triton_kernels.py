@@ -75,13 +75,19 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584); float32
+    # operands give the exact products (a bf16 x bf16 product fits in float32).
+    return interpreting() and dtype == torch.bfloat16
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _logits_tile(h_ptr, src, rmask, w_ptr, cols, cmask, H, stride_h, stride_w,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc[m, n] = sum_k h[src[m], k] * w[cols[n], k], float32 accumulation.  -> [BLOCK_M, BLOCK_N]"""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -89,6 +95,8 @@ def _logits_tile(h_ptr, src, rmask, w_ptr, cols, cmask, H, stride_h, stride_w,
         kmask = ks < H
         a = tl.load(h_ptr + src[:, None] * stride_h + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -100,6 +108,7 @@ def _fwd_partial_kernel(
     N, V, H, stride_h, stride_w, inv_temp,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SPLIT_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     # Split index varies fastest: the programs resident at one time cover few token blocks (their
     # hidden rows stay in L2) and every split (each vocab tile is read once per resident group).
@@ -120,7 +129,7 @@ def _fwd_partial_kernel(
         cols = v0 + tl.arange(0, BLOCK_N)
         cmask = cols < v_end
         acc = _logits_tile(h_ptr, src, rmask, w_ptr, cols, cmask, H, stride_h, stride_w,
-                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         z = tl.where(cmask[None, :], acc * inv_temp, float("-inf"))
@@ -192,7 +201,7 @@ def token_logprobs_fwd(h2, weight, bias, y, idx, pos, temperature: float, with_e
             n, vocab, hdim, h2.stride(0), weight.stride(0), 1.0 / temperature,
             HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, SPLIT_V=split_v,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            DOT_PRECISION=_dot_precision(h2.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION=_dot_precision(h2.dtype), UPCAST=_upcast_dot(h2.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     logp = _alloc.empty((nt,), dtype=torch.float32, device=dev)
     lse = _alloc.empty((nt,), dtype=torch.float32, device=dev)
@@ -221,7 +230,7 @@ def _bwd_kernel(
     N, V, H, stride_h, stride_w, inv_temp,
     HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M token blocks sweep the vocab tiles together, for L2 reuse.
     pid = tl.program_id(0)
@@ -243,7 +252,7 @@ def _bwd_kernel(
     cmask = cols < V
 
     acc = _logits_tile(h_ptr, src, rmask, w_ptr, cols, cmask, H, stride_h, stride_w,
-                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     p = tl.exp(acc * inv_temp - lse[:, None])
@@ -253,16 +262,22 @@ def _bwd_kernel(
     if NEED_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=cmask, sem="relaxed")
     dzc = dz.to(h_ptr.dtype.element_ty)
+    if UPCAST:
+        dzc = dzc.to(tl.float32)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < H
         if NEED_DH:
             w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
             dh = tl.dot(dzc, w, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_K]
             tl.atomic_add(dh_ptr + rows[:, None] * H + ks[None, :], dh,
                           mask=rmask[:, None] & kmask[None, :], sem="relaxed")
         if NEED_DW:
             a = tl.load(h_ptr + src[:, None] * stride_h + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
             dw = tl.dot(tl.trans(dzc), a, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_K]
             tl.atomic_add(dw_ptr + cols[:, None] * H + ks[None, :], dw,
                           mask=cmask[:, None] & kmask[None, :], sem="relaxed")
@@ -286,7 +301,7 @@ def token_logprobs_bwd(g, h2, weight, bias, y, idx, lse, temperature: float,
             n, vocab, hdim, h2.stride(0), weight.stride(0), 1.0 / temperature,
             HAS_BIAS=bias is not None, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            DOT_PRECISION=_dot_precision(h2.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION=_dot_precision(h2.dtype), UPCAST=_upcast_dot(h2.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return dh, dw, db
 

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from rebel_kernels.reference import reference_token_logprobs, sequence_old_logprobs
+
 # Machine epsilon (spacing of floats at 1.0) of the dtypes under test.
 EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23, torch.float64: 2.0**-52}
 
@@ -94,12 +96,16 @@ def make_batch(
     masked_rows=(),
     garbage: bool = True,
     logit_scale: float = 2.0,
+    temperature: float = 1.0,
+    eta: float | None = 1.0,
     device="cpu",
 ) -> Batch:
     """A random REBEL batch. Values are drawn in float32 and rounded once to `dtype`.
 
     Logits have a standard deviation of about `logit_scale`. With `garbage`, per-token old
     log-probabilities hold NaN / +-inf / 1e30 at ignored positions (which the ops must not read).
+    With `eta` (and the `temperature` the loss will use), the rewards are chosen so that each pair's
+    error is well conditioned (see `well_conditioned_rewards`); eta=None leaves them N(0, 1).
     """
     gen = torch.Generator().manual_seed(seed)
     rows = 2 * pairs
@@ -119,6 +125,11 @@ def make_batch(
     else:
         raise AssertionError(old)
     rewards = torch.randn(rows, generator=gen)
+    if eta is not None:
+        rewards = well_conditioned_rewards(
+            gen, hidden.to(dtype), weight.to(dtype), None if b is None else b.to(dtype), labels, old_lp,
+            temperature=temperature, eta=eta, ignore_index=ignore_index,
+        )
 
     def leaf(t):
         return None if t is None else t.to(device=device, dtype=dtype).requires_grad_(True)
@@ -132,6 +143,38 @@ def make_batch(
         rewards.to(device),
         ignore_index,
     )
+
+
+def well_conditioned_rewards(gen, hidden, weight, bias, labels, old_lp, *, temperature, eta, ignore_index):
+    """Rewards [2B] float32 that put each pair's error err_j = ratio diff / eta - reward diff at
+    +-(1 + U[0, 1]) * (1 + A_j / eta), where A_j = sum |log p| + sum |old log p| over both responses.
+
+    Float32 sums of the log-probabilities are off by about u * A_j (u = 2^-24), so the computed
+    err_j is off by about u * A_j / eta: with |err_j| >= A_j / eta that stays a relative ~u error.
+    With rewards drawn independently, err_j lands near 0 by chance now and then, and the relative
+    error of err_j^2 and of every gradient (all proportional to err_j) blows up for any float32
+    implementation, the reference included.
+    """
+    rows = labels.shape[0]
+    half = rows // 2
+    logp = reference_token_logprobs(
+        hidden.double(), weight.double(), labels, bias=None if bias is None else bias.double(),
+        temperature=temperature, ignore_index=ignore_index,
+    )  # [2B, T]
+    valid = labels != ignore_index
+    old_seq = sequence_old_logprobs(old_lp, labels, ignore_index, torch.float64)  # [2B]
+    if old_lp.dim() == 2:
+        old_abs = torch.where(valid, old_lp.double(), 0.0).abs().sum(-1)
+    else:
+        old_abs = old_seq.abs()
+    mag = logp.abs().sum(-1) + old_abs  # [2B]
+    ratio = logp.sum(-1) - old_seq  # [2B]
+    scale = 1.0 + (mag[:half] + mag[half:]) / eta  # [B]
+    sign = torch.where(torch.rand(half, generator=gen) < 0.5, -1.0, 1.0).double()
+    err = sign * (1.0 + torch.rand(half, generator=gen).double()) * scale
+    rdiff = (ratio[:half] - ratio[half:]) / eta - err  # [B]
+    base = torch.randn(half, generator=gen).double()
+    return torch.cat([base + rdiff / 2, base - rdiff / 2]).float()
 
 
 def value_and_grads(out: torch.Tensor, leaves, grad_out: torch.Tensor | None = None):

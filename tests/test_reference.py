@@ -174,7 +174,8 @@ def test_rebel_loss_from_logprobs_two_pairs_by_hand(reduction, eta, want):
     got = reference_rebel_loss_from_logprobs(logp, labels, old, rewards, eta=eta, reduction=reduction)
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=1e-14)
     # The per-token form of the same old log-probabilities (garbage where ignored) gives the same.
-    old_tok = torch.tensor([[-1.0, -1.0], [-1.0, float("nan")], [-2.5, float("inf")], [-1.0, -1.0]], dtype=torch.float64)
+    old_tok = torch.tensor([[-1.0, -1.0], [-1.0, float("nan")], [-2.5, float("inf")], [-1.0, -1.0]],
+                           dtype=torch.float64)
     got_tok = reference_rebel_loss_from_logprobs(logp, labels, old_tok, rewards, eta=eta, reduction=reduction)
     torch.testing.assert_close(got_tok, got, rtol=1e-14, atol=1e-14)
 
