@@ -40,6 +40,7 @@ class Case:
     vocab: int  # V
     response_fraction: float  # share of positions that are response tokens (labels != -100)
     full_only: bool = False  # only with REBEL_BENCH_FULL=1
+    measure_memory: bool = True  # False: skip the peak-memory probe (a fresh process on CPU)
     warmup_rounds: int = 1
     rounds: int = 5
 
@@ -70,10 +71,10 @@ def _llama3_8b(n_tokens: int, response_fraction: float) -> Case:
 
 CASES = (
     # CPU, quick: exercises the harness in CI.  N = 2*2*64 tokens.
-    Case("cpu_tiny_r100", "cpu", "float32", 4, 64, 64, 1000, 1.0, warmup_rounds=1, rounds=5),
-    Case("cpu_tiny_r25", "cpu", "float32", 4, 64, 64, 1000, 0.25, warmup_rounds=1, rounds=5),
+    Case("cpu_tiny_r100", "cpu", "float32", 4, 64, 64, 1000, 1.0, warmup_rounds=1, rounds=10),
+    Case("cpu_tiny_r25", "cpu", "float32", 4, 64, 64, 1000, 0.25, warmup_rounds=1, rounds=10, measure_memory=False),
     # CPU acceptance shape: N = 4096 tokens (2B=8, T=512), H=256, V=32000.
-    Case("cpu_acceptance", "cpu", "float32", 8, 512, 256, 32000, 1.0, full_only=True, warmup_rounds=1, rounds=5),
+    Case("cpu_acceptance", "cpu", "float32", 8, 512, 256, 32000, 1.0, full_only=True, warmup_rounds=1, rounds=7),
     # CUDA: the Llama-3-8B LM head, bf16, 2B = 16 sequences of T = N / 16.
     _llama3_8b(8192, 1.0),
     _llama3_8b(16384, 1.0),
@@ -237,7 +238,7 @@ def percentile(data, q: float) -> float:
 
 def timing_summary(times, flop: int) -> dict:
     p20, p50, p80 = (percentile(times, q) for q in (20, 50, 80))
-    return dict(rounds=len(times), p20_s=p20, p50_s=p50, p80_s=p80, tflops=flop / p50 / 1e12)
+    return dict(rounds=len(times), min_s=min(times), p20_s=p20, p50_s=p50, p80_s=p80, tflops=flop / p50 / 1e12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +284,8 @@ def environment() -> dict:
         env["device"] = env["gpu"]
     else:
         env["device"] = env["cpu"]
+    env.update({k: os.environ[k] for k in ("REBEL_KERNELS_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+                if k in os.environ})
     commit = _run(["git", "rev-parse", "HEAD"])
     env.update(git_commit=commit, git_dirty=bool(_run(["git", "status", "--porcelain"])) if commit else None)
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -11,6 +11,8 @@ the FLOP accounting, bench/_memory.py for how memory is measured.
 """
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -33,9 +35,7 @@ from bench._memory import measure_cpu_op_memory, measure_cuda_op_memory
 
 
 def _case_params():
-    for case in CASES:
-        marks = [pytest.mark.slow] if case.full_only else []
-        yield pytest.param(case, id=case.name, marks=marks)
+    return [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.full_only else []) for c in CASES]
 
 
 def _benchmark_times(benchmark) -> list[float]:
@@ -43,6 +43,16 @@ def _benchmark_times(benchmark) -> list[float]:
     meta = getattr(benchmark, "stats", None)
     stats = getattr(meta, "stats", None)
     return list(getattr(stats, "data", None) or [])
+
+
+def _fused_backend(hidden) -> str | None:
+    """'triton' or 'torch': what rebel_kernels picks for this input (None if that is not knowable)."""
+    try:
+        from rebel_kernels._backend import resolve  # noqa: PLC0415
+
+        return resolve(hidden)
+    except Exception:  # noqa: BLE001 - private helper, informational only
+        return None
 
 
 def _oom_errors():
@@ -64,19 +74,25 @@ def test_loss(benchmark, bench_rows, request, case: Case, provider: str, mode: s
 
     inputs = make_inputs(case, requires_grad=mode == "fwdbwd")
     info["input_bytes"] = input_bytes(inputs)
+    if provider == "fused":
+        info["backend"] = _fused_backend(inputs["hidden"])
     step = make_step(provider, mode, inputs, case.device)
     try:
         step()  # first call: kernel compilation / autotuning stays out of every measurement
-        if case.device == "cuda":
+        if case.device == "cuda" and case.measure_memory:
             info.update(measure_cuda_op_memory(step))
     except _oom_errors() as exc:
         if case.device != "cuda" or "out of memory" not in str(exc).lower():
             raise
         info.update(status="oom", error=str(exc).splitlines()[0])
+    if info.get("status") == "oom":  # outside `except`: the traceback's tensors are gone now
         benchmark.extra_info.update(info)
         bench_rows.append(info)
+        del inputs, step
+        gc.collect()
+        torch.cuda.empty_cache()
         pytest.skip(f"{provider} {mode} {case.name}: CUDA out of memory")
-    if case.device == "cpu":
+    if case.device == "cpu" and case.measure_memory:
         info.update(measure_cpu_op_memory(case.name, provider, mode))
 
     benchmark.pedantic(step, rounds=case.rounds, warmup_rounds=case.warmup_rounds, iterations=1)
