@@ -131,15 +131,18 @@ def sweep():
     idx = torch.arange(n, device="cuda")
     pos = idx.clone()
     h2 = hid.detach().reshape(-1, h)
-    for bm, bn, bk, nw, ns in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3),
-                               (256, 128, 64, 8, 3), (128, 64, 64, 4, 4)]:
+    for (bm, bn, bk, nw, ns), tma in [((128, 128, 64, 8, 3), "0"), ((128, 128, 64, 8, 4), "0"), ((128, 256, 64, 8, 3), "0"),
+                                      ((64, 256, 64, 8, 3), "0"), ((256, 128, 64, 8, 3), "0"), ((128, 64, 64, 4, 4), "0"),
+                                      ((128, 128, 64, 8, 4), "1"), ((128, 256, 64, 8, 3), "1")]:
+        os.environ["REBEL_KERNELS_TMA"] = tma
         cfg = tk.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, split_v=8192)
         try:
             ms = bench_ms(lambda: tk.token_logprobs_fwd(h2, w.detach(), None, y2, idx, pos, 1.0, False, cfg))
-            out.append(dict(kind="fwd", cfg=dataclasses.asdict(cfg), ms=ms, tflops=2 * n * h * v / ms / 1e9))
+            out.append(dict(kind="fwd", tma=tma, cfg=dataclasses.asdict(cfg), ms=ms, tflops=2 * n * h * v / ms / 1e9))
         except Exception as e:  # out of shared memory etc.
             out.append(dict(kind="fwd", cfg=dataclasses.asdict(cfg), error=str(e)[:200]))
         print(json.dumps(out[-1]))
+    os.environ["REBEL_KERNELS_TMA"] = "0"
     _, lse, _ = tk.token_logprobs_fwd(h2, w.detach(), None, y2, idx, pos, 1.0, False)
     g = torch.randn(n, device="cuda")
     for bm, bn, bk, nw, ns, gm in [(128, 128, 64, 8, 3, 8), (128, 256, 64, 8, 3, 8), (128, 128, 32, 8, 3, 8),

@@ -75,6 +75,27 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _use_tma(weight: torch.Tensor, cfg: TileConfig) -> bool:
+    """Load weight tiles through TMA tensor descriptors (Hopper+, or the interpreter) when
+    REBEL_KERNELS_TMA=1. Off by default until measured against the pointer path on an H100."""
+    if os.environ.get("REBEL_KERNELS_TMA", "0") != "1":
+        return False
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if not interpreting() and (weight.device.type != "cuda" or torch.cuda.get_device_capability(weight.device)[0] < 9):
+        return False
+    row_bytes = weight.stride(0) * weight.element_size()
+    if row_bytes % 16 or weight.data_ptr() % 16 or cfg.block_k * weight.element_size() < 16:
+        return False
+    triton.set_allocator(_descriptor_scratch)
+    return True
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    """Global scratch for descriptors built on the device (tl.make_tensor_descriptor)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda" if not interpreting() else "cpu")
+
+
 def _upcast_dot(dtype: torch.dtype) -> bool:
     # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584); float32
     # operands give the exact products (a bf16 x bf16 product fits in float32).
@@ -85,16 +106,34 @@ def _upcast_dot(dtype: torch.dtype) -> bool:
 # forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _logits_tile(h_ptr, src, rmask, w_ptr, cols, cmask, H, stride_h, stride_w,
+def _weight_tile(w_ptr, w_desc, cols, cmask, v0, k0, ks, kmask, stride_w, USE_TMA: tl.constexpr):
+    """w[v0 : v0 + BLOCK_N, k0 : k0 + BLOCK_K], zero outside [V, H]: a TMA tensor-descriptor load
+    on Hopper when enabled, else plain pointer loads (the path the interpreter runs)."""
+    if USE_TMA:
+        return w_desc.load([v0, k0])
+    else:
+        return tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+
+
+@triton.jit
+def _weight_desc(w_ptr, V, H, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
+    if USE_TMA:
+        return tl.make_tensor_descriptor(w_ptr, shape=[V, H], strides=[stride_w, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        return w_ptr
+
+
+@triton.jit
+def _logits_tile(h_ptr, src, rmask, w_ptr, w_desc, v0, cols, cmask, H, stride_h, stride_w,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     """acc[m, n] = sum_k h[src[m], k] * w[cols[n], k], float32 accumulation.  -> [BLOCK_M, BLOCK_N]"""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < H
         a = tl.load(h_ptr + src[:, None] * stride_h + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        b = _weight_tile(w_ptr, w_desc, cols, cmask, v0, k0, ks, kmask, stride_w, USE_TMA)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
@@ -108,7 +147,7 @@ def _fwd_partial_kernel(
     N, V, H, stride_h, stride_w, inv_temp,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SPLIT_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # Split index varies fastest: the programs resident at one time cover few token blocks (their
     # hidden rows stay in L2) and every split (each vocab tile is read once per resident group).
@@ -123,13 +162,14 @@ def _fwd_partial_kernel(
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sz = tl.zeros((BLOCK_M,), dtype=tl.float32)
     t = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    w_desc = _weight_desc(w_ptr, V, H, stride_w, BLOCK_N, BLOCK_K, USE_TMA)
     v_begin = pid_s * SPLIT_V
     v_end = tl.minimum(v_begin + SPLIT_V, V)
     for v0 in range(v_begin, v_end, BLOCK_N):
         cols = v0 + tl.arange(0, BLOCK_N)
         cmask = cols < v_end
-        acc = _logits_tile(h_ptr, src, rmask, w_ptr, cols, cmask, H, stride_h, stride_w,
-                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST)
+        acc = _logits_tile(h_ptr, src, rmask, w_ptr, w_desc, v0, cols, cmask, H, stride_h, stride_w,
+                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         z = tl.where(cmask[None, :], acc * inv_temp, float("-inf"))
@@ -201,7 +241,7 @@ def token_logprobs_fwd(h2, weight, bias, y, idx, pos, temperature: float, with_e
             n, vocab, hdim, h2.stride(0), weight.stride(0), 1.0 / temperature,
             HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, SPLIT_V=split_v,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            DOT_PRECISION=_dot_precision(h2.dtype), UPCAST=_upcast_dot(h2.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION=_dot_precision(h2.dtype), UPCAST=_upcast_dot(h2.dtype), USE_TMA=_use_tma(weight, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     logp = _alloc.empty((nt,), dtype=torch.float32, device=dev)
     lse = _alloc.empty((nt,), dtype=torch.float32, device=dev)
@@ -230,7 +270,7 @@ def _bwd_kernel(
     N, V, H, stride_h, stride_w, inv_temp,
     HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M token blocks sweep the vocab tiles together, for L2 reuse.
     pid = tl.program_id(0)
@@ -251,8 +291,10 @@ def _bwd_kernel(
     cols = pid_v * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < V
 
-    acc = _logits_tile(h_ptr, src, rmask, w_ptr, cols, cmask, H, stride_h, stride_w,
-                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST)
+    w_desc = _weight_desc(w_ptr, V, H, stride_w, BLOCK_N, BLOCK_K, USE_TMA)
+    v0 = pid_v * BLOCK_N
+    acc = _logits_tile(h_ptr, src, rmask, w_ptr, w_desc, v0, cols, cmask, H, stride_h, stride_w,
+                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     p = tl.exp(acc * inv_temp - lse[:, None])
@@ -268,7 +310,7 @@ def _bwd_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < H
         if NEED_DH:
-            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            w = _weight_tile(w_ptr, w_desc, cols, cmask, v0, k0, ks, kmask, stride_w, USE_TMA)
             if UPCAST:
                 w = w.to(tl.float32)
             dh = tl.dot(dzc, w, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_K]
@@ -301,7 +343,7 @@ def token_logprobs_bwd(g, h2, weight, bias, y, idx, lse, temperature: float,
             n, vocab, hdim, h2.stride(0), weight.stride(0), 1.0 / temperature,
             HAS_BIAS=bias is not None, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            DOT_PRECISION=_dot_precision(h2.dtype), UPCAST=_upcast_dot(h2.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION=_dot_precision(h2.dtype), UPCAST=_upcast_dot(h2.dtype), USE_TMA=_use_tma(weight, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return dh, dw, db
 
