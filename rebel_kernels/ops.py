@@ -80,7 +80,7 @@ def token_logprobs_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     y, _, idx, _ = _compact(labels, ignore_index)
     h2 = _rows(hidden)
-    g = grad.reshape(-1).index_select(0, idx).float()
+    g = grad.reshape(-1).index_select(0, idx).to(_out_dtype(hidden))
     lse_c = lse.reshape(-1).index_select(0, idx)
     if backend == "triton":
         from . import triton_kernels
