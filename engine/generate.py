@@ -163,10 +163,10 @@ class Sampler:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: real tokens start at 0
 
         # Prefill once per prompt, then copy its KV rows for every sample (row s * B + i).
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, output_hidden_states=self._hidden_path(config, 0))
-        cache = self._static_cache(rows, plen + steps, out.past_key_values)
-        for dst, src in zip(cache.layers, out.past_key_values.layers):
+        state, prefill_cache = _forward(self.model, self._hidden_path(config, 0), input_ids=input_ids,
+                                        attention_mask=mask, position_ids=positions, use_cache=True)
+        cache = self._static_cache(rows, plen + steps, prefill_cache)
+        for dst, src in zip(cache.layers, prefill_cache.layers):
             dst.keys.zero_()
             dst.values.zero_()
             dst.keys[:, :, :plen].copy_(src.keys.repeat(samples, 1, 1, 1))
@@ -182,7 +182,7 @@ class Sampler:
         alive_mask = torch.zeros(rows, steps, dtype=torch.bool, device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
 
-        state = _last_state(out, self._hidden_path(config, 0)).repeat(samples, 1)
+        state = state.repeat(samples, 1)
         for t in range(steps):
             if t > 0:
                 state = self._decode(self.model, tok, next_pos, full_mask, cache, self._hidden_path(config, t))
@@ -221,15 +221,21 @@ class Sampler:
                              generator=generator)
 
 
-def _last_state(out, hidden: bool) -> torch.Tensor:
-    return out.hidden_states[-1][:, -1] if hidden else out.logits[:, -1]
+def _forward(model, hidden: bool, **inputs):
+    """The last position's final hidden state (through the base model: no logits at all) or its
+    logits (through the LM head, last position only), and the cache."""
+    if hidden:
+        out = model.base_model(**inputs)
+        return out.last_hidden_state[:, -1], out.past_key_values
+    out = model(**inputs, logits_to_keep=1)
+    return out.logits[:, -1], out.past_key_values
 
 
 def _decode_step(model, tok, pos, full_mask, cache, hidden: bool) -> torch.Tensor:
     """One token for every row: [rows] ids at positions [rows] -> last hidden state or logits [rows, *]."""
-    out = model(input_ids=tok[:, None], attention_mask=full_mask, position_ids=pos[:, None],
-                past_key_values=cache, use_cache=True, logits_to_keep=1, output_hidden_states=hidden)
-    return _last_state(out, hidden)
+    state, _ = _forward(model, hidden, input_ids=tok[:, None], attention_mask=full_mask,
+                        position_ids=pos[:, None], past_key_values=cache, use_cache=True)
+    return state
 
 
 def _check_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
