@@ -53,11 +53,13 @@ def pytest_sessionfinish(session, exitstatus):
     if not rows:
         return
     env = environment()
-    path = results_path(env)
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(dict(suite="loss", environment=env, rows=rows), f, indent=1)
-        f.write("\n")
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"rebel bench: wrote {len(rows)} rows to {os.path.relpath(path)}")
+    for suite in sorted({row.get("suite", "loss") for row in rows}):
+        mine = [row for row in rows if row.get("suite", "loss") == suite]
+        path = results_path(env, suite)
+        with open(path, "w") as f:
+            json.dump(dict(suite=suite, environment=env, rows=mine), f, indent=1)
+            f.write("\n")
+        if reporter is not None:
+            reporter.write_line(f"rebel bench: wrote {len(mine)} rows to {os.path.relpath(path)}")
