@@ -1,0 +1,239 @@
+"""Typed, keyword-only configuration of a training run, named presets, and `--section.key value` overrides.
+
+    python engine/train.py --preset tldr_pythia_1b4 --optim.lr 1e-6 --rebel.eta 0.5
+
+A preset is a Python function returning a TrainConfig; overrides are applied on top, each checked
+against the dataclass field's type; an unknown key or a bad value is a ValueError naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from typing import Callable
+
+from engine.generate import SamplingConfig
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelConfig:
+    policy: str = "builtin:tiny-llama"  # a Hugging Face path / hub id, or builtin:tiny-llama (random weights)
+    reference: str | None = None  # None: the policy's initial weights
+    dtype: str = "float32"  # parameter dtype of the policy: float32 | bfloat16
+    train_top_layers: int = 0  # > 0: train only the top k decoder layers, the final norm and the LM head
+    activation_checkpointing: bool = False
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    prompts: str = "builtin:counting"  # builtin:NAME, a datasets directory, a *.jsonl file, or a hub dataset id
+    split: str = "train"
+    prompt_column: str = "prompt"
+    partner_column: str | None = None  # hybrid REBEL: y' read from this column instead of sampled
+    chat_template: bool = False  # wrap each prompt with the policy tokenizer's chat template
+    max_prompt_tokens: int = 512  # longer prompts are skipped (and counted)
+
+
+@dataclasses.dataclass(kw_only=True)
+class RewardConfig:
+    model: str | None = None  # a Hugging Face sequence-classification reward model
+    function: str | None = None  # "package.module:function" scoring (prompts, responses) -> list[float]
+    missing_eos_penalty: float = -1.0  # replaces the score of a response that never emitted EOS
+    batch_size: int = 32
+
+
+@dataclasses.dataclass(kw_only=True)
+class RebelConfig:
+    eta: float = 1.0
+    kl_coef: float = 0.05
+    prompts_per_iteration: int = 32
+    num_epochs: int = 4  # passes over each iteration's batch
+    minibatches: int = 1  # optimizer steps per epoch (the paper: 1, i.e. accumulate the whole batch)
+    micro_batch_pairs: int = 16  # pairs per forward/backward; gradients accumulate across micro-batches
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimConfig:
+    iterations: int = 40
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-5
+    warmup_iterations: int = 0
+    max_grad_norm: float | None = None  # None: no clipping (the paper's setting)
+
+
+@dataclasses.dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 10  # iterations between checkpoints (0: only at the end and on SIGTERM)
+    keep: int = 2
+    export_hf: bool = True  # save_pretrained of the final policy
+
+
+@dataclasses.dataclass(kw_only=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    plots: bool = True
+    progress: bool = True
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    generation: SamplingConfig = dataclasses.field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=8, temperature=1.0, samples_per_prompt=2))
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    rebel: RebelConfig = dataclasses.field(default_factory=RebelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        validate(self)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks; each error names the key and the value."""
+    positive = {"rebel.eta": cfg.rebel.eta, "rebel.prompts_per_iteration": cfg.rebel.prompts_per_iteration,
+                "rebel.num_epochs": cfg.rebel.num_epochs, "rebel.minibatches": cfg.rebel.minibatches,
+                "rebel.micro_batch_pairs": cfg.rebel.micro_batch_pairs, "optim.iterations": cfg.optim.iterations,
+                "optim.lr": cfg.optim.lr, "optim.adam_eps": cfg.optim.adam_eps, "checkpoint.keep": cfg.checkpoint.keep,
+                "data.max_prompt_tokens": cfg.data.max_prompt_tokens, "reward.batch_size": cfg.reward.batch_size}
+    for key, value in positive.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{key} must be > 0, got {value!r}")
+    for key, value in {"rebel.kl_coef": cfg.rebel.kl_coef, "optim.weight_decay": cfg.optim.weight_decay,
+                       "optim.warmup_iterations": cfg.optim.warmup_iterations, "checkpoint.every": cfg.checkpoint.every,
+                       "model.train_top_layers": cfg.model.train_top_layers}.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{key} must be >= 0, got {value!r}")
+    if cfg.optim.max_grad_norm is not None and not cfg.optim.max_grad_norm > 0:
+        raise ValueError(f"optim.max_grad_norm must be > 0 or None, got {cfg.optim.max_grad_norm!r}")
+    if cfg.rebel.prompts_per_iteration % cfg.rebel.minibatches:
+        raise ValueError(f"rebel.prompts_per_iteration ({cfg.rebel.prompts_per_iteration}) must be divisible by "
+                         f"rebel.minibatches ({cfg.rebel.minibatches})")
+    if cfg.model.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {cfg.model.dtype!r}")
+    if cfg.generation.samples_per_prompt != 2:
+        raise ValueError(f"generation.samples_per_prompt must be 2 for REBEL, got {cfg.generation.samples_per_prompt}")
+    if cfg.reward.model and cfg.reward.function:
+        raise ValueError("set at most one of reward.model and reward.function")
+    if cfg.generation.greedy:
+        raise ValueError("generation.temperature must be > 0: REBEL needs sampled responses")
+
+
+# ----------------------------------------------------------------------------------------------
+# presets
+# ----------------------------------------------------------------------------------------------
+def default() -> TrainConfig:
+    """The embedded default: a tiny random Llama learns the built-in counting task on CPU."""
+    return TrainConfig()
+
+
+def tldr_pythia(size: str) -> TrainConfig:
+    """TL;DR summarization with the paper's settings (appendix I.1.4); needs the hub."""
+    return TrainConfig(
+        run_dir=f"runs/tldr_pythia_{size}",
+        model=ModelConfig(policy=f"vwxyzjn/EleutherAI_pythia-{size}-deduped__sft__tldr", dtype="bfloat16"),
+        data=DataConfig(prompts="trl-lib/tldr", prompt_column="prompt", max_prompt_tokens=512),
+        generation=SamplingConfig(max_new_tokens=53, temperature=0.7, samples_per_prompt=2),
+        reward=RewardConfig(model=f"vwxyzjn/EleutherAI_pythia-{size}-deduped__reward__tldr", missing_eos_penalty=-1.0),
+        rebel=RebelConfig(eta=1.0, kl_coef=0.05, prompts_per_iteration=512, num_epochs=4, minibatches=1,
+                          micro_batch_pairs=8),
+        optim=OptimConfig(iterations=228, lr=3e-6, adam_eps=1e-5),
+    )
+
+
+def ultrafeedback_llama3_8b() -> TrainConfig:
+    """Chat: Llama-3-8B-Instruct on UltraFeedback prompts (the paper's section 5.2 settings)."""
+    return TrainConfig(
+        run_dir="runs/ultrafeedback_llama3_8b",
+        model=ModelConfig(policy="meta-llama/Meta-Llama-3-8B-Instruct", dtype="bfloat16", train_top_layers=4),
+        data=DataConfig(prompts="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs", prompt_column="prompt",
+                        chat_template=True, max_prompt_tokens=1024),
+        generation=SamplingConfig(max_new_tokens=1024, temperature=0.5, samples_per_prompt=2),
+        reward=RewardConfig(model="RLHFlow/ArmoRM-Llama3-8B-v0.1", missing_eos_penalty=-4.0, batch_size=8),
+        rebel=RebelConfig(eta=1.0, kl_coef=0.0, prompts_per_iteration=32, num_epochs=1, micro_batch_pairs=2),
+        optim=OptimConfig(iterations=1000, lr=1e-7),
+    )
+
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {
+    "default": default,
+    "tldr_pythia_1b4": lambda: tldr_pythia("1.4b"),
+    "tldr_pythia_2b8": lambda: tldr_pythia("2.8b"),
+    "tldr_pythia_6b9": lambda: tldr_pythia("6.9b"),
+    "ultrafeedback_llama3_8b": ultrafeedback_llama3_8b,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# overrides
+# ----------------------------------------------------------------------------------------------
+def _parse(key: str, text: str, annotation):
+    """Convert a CLI string to the field's type (str, int, float, bool, or Optional of those)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing) | {"SamplingConfig": SamplingConfig})  # noqa: S307
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if text.lower() == "none" and type(None) in args:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    try:
+        if annotation is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        return annotation(text)
+    except ValueError:
+        raise ValueError(f"--{key}: cannot read {text!r} as {annotation.__name__}") from None
+
+
+def apply_overrides(cfg: TrainConfig, pairs: list[tuple[str, str]]) -> TrainConfig:
+    """Return a new config with `section.key=value` overrides applied and re-validated."""
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    changes: dict[str, dict] = {}
+    top: dict = {}
+    for key, text in pairs:
+        name, _, field = key.partition(".")
+        if name not in sections:
+            raise ValueError(f"unknown config key --{key}{_suggest(name, sections)}")
+        if not field:
+            if dataclasses.is_dataclass(sections[name]):
+                raise ValueError(f"--{key} is a section; set --{key}.<field>")
+            top[name] = _parse(key, text, {f.name: f.type for f in dataclasses.fields(cfg)}[name])
+            continue
+        section = sections[name]
+        fields = {f.name: f.type for f in dataclasses.fields(section)}
+        if field not in fields:
+            raise ValueError(f"unknown config key --{key}{_suggest(field, fields, prefix=name + '.')}")
+        changes.setdefault(name, {})[field] = _parse(key, text, fields[field])
+    new_sections = {n: dataclasses.replace(sections[n], **c) for n, c in changes.items()}
+    return dataclasses.replace(cfg, **top, **new_sections)
+
+
+def _suggest(word: str, options, prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean --{prefix}{close[0]}?)" if close else ""
+
+
+def to_json(cfg: TrainConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> TrainConfig:
+    raw = json.loads(text)
+    sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    kwargs = {}
+    for name, value in raw.items():
+        if isinstance(value, dict):
+            cls = SamplingConfig if name == "generation" else type(getattr(TrainConfig(), name))
+            kwargs[name] = cls(**value)
+        elif name in sections:
+            kwargs[name] = value
+    return TrainConfig(**kwargs)
