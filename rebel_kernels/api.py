@@ -84,7 +84,38 @@ def fused_rebel_loss(
     logp, _, _ = torch.ops.rebel_kernels.token_logprobs(
         hidden, weight, bias, labels, temperature, int(ignore_index), False, backend
     )
-    per_pair, _ = torch.ops.rebel_kernels.pair_loss(logp, labels, old_logprobs, rewards, eta, int(ignore_index), backend)
+    return _pair_loss(logp, labels, old_logprobs, rewards, eta, int(ignore_index), reduction, backend)
+
+
+def rebel_loss_from_logprobs(
+    logprobs: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    eta: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The REBEL loss epilogue alone, on per-token log-probabilities [2B, T] (0 at ignored positions),
+    e.g. those `fused_token_logprobs` returned inside an FSDP-wrapped model's forward.
+    Same formula and arguments as `fused_rebel_loss`."""
+    _validate.tensor("logprobs", logprobs, floating=True)
+    _validate.tensor("labels", labels)
+    if logprobs.dim() != 2 or tuple(labels.shape) != tuple(logprobs.shape):
+        raise ValueError(f"logprobs must be [2B, T] with labels' shape {tuple(labels.shape)}, "
+                         f"got {tuple(logprobs.shape)}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}")
+    if labels.numel() == 0:
+        raise ValueError(f"empty batch: labels has shape {tuple(labels.shape)}")
+    eta = _validate.loss_inputs(logprobs[..., None], labels, old_logprobs, rewards, eta, reduction)
+    backend = _backend.resolve(logprobs)
+    return _pair_loss(logprobs, labels, old_logprobs, rewards, eta, int(ignore_index), reduction, backend)
+
+
+def _pair_loss(logp, labels, old_logprobs, rewards, eta, ignore_index, reduction, backend):
+    per_pair, _ = torch.ops.rebel_kernels.pair_loss(logp, labels, old_logprobs, rewards, eta, ignore_index, backend)
     if reduction == "none":
         return per_pair
     return per_pair.sum() if reduction == "sum" else per_pair.mean()

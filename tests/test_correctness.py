@@ -361,3 +361,22 @@ def test_gradcheck_float64(old_form, seed, monkeypatch):
         lambda h, w, b: fused_rebel_loss(h, w, y, old, r, bias=b, temperature=0.7, eta=0.5, reduction="none"), (h, w, b)
     )
     assert torch.autograd.gradcheck(lambda h, w, b: fused_token_logprobs(h, w, y, bias=b, temperature=1.3), (h, w, b))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_from_logprobs_equals_fused_loss(backend, reduction, seed, device, monkeypatch):
+    """fused_token_logprobs + rebel_loss_from_logprobs is fused_rebel_loss, values and gradients."""
+    from rebel_kernels import rebel_loss_from_logprobs
+
+    monkeypatch.setenv("REBEL_KERNELS_BACKEND", backend)
+    b = make_batch(seed, pairs=2, T=5, H=16, V=67, device=device)
+    kw = dict(bias=b.bias, temperature=0.8)
+    fused, g_fused = value_and_grads(
+        fused_rebel_loss(*b.loss_args(), eta=0.5, reduction=reduction, **kw).sum(), b.leaves())
+    logp = fused_token_logprobs(b.hidden, b.weight, b.labels, **kw)
+    split, g_split = value_and_grads(
+        rebel_loss_from_logprobs(logp, b.labels, b.old_logprobs, b.rewards, eta=0.5, reduction=reduction).sum(),
+        b.leaves())
+    assert torch.equal(fused, split)
+    for a, c in zip(g_fused, g_split):
+        assert torch.equal(a, c)

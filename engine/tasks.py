@@ -1,0 +1,72 @@
+"""The built-in task of the embedded default: counting, with a character-level tokenizer and a tiny
+random Llama, all built locally (no hub access).
+
+The prompt is a run of consecutive digits ("3456"); the objective a person would state is:
+"continue the count for four more digits, then stop" ("7890" then EOS). The reward gives partial
+credit per correct leading digit and charges extra characters, so a random policy scores low and
+REBEL has a gradient from the first iteration.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<bos>", "<eos>"]
+CHARS = list("0123456789 :")
+TARGET_DIGITS = 4
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer over digits, space and colon."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   padding_side="left")
+
+
+def tiny_llama(tokenizer, *, seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
+    """A 2-layer, 64-wide Llama with random weights, sized for the character vocabulary."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def counting_prompts(n: int = 2000, seed: int = 1234) -> list[dict]:
+    """Rows {"prompt": "3456"}: 2 to 5 consecutive digits (mod 10) from a random start."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        start, length = rng.randrange(10), rng.randint(2, 5)
+        rows.append({"prompt": "".join(str((start + k) % 10) for k in range(length))})
+    return rows
+
+
+def counting_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """Score in [-1, 1]: +1/4 per leading digit that continues the count, -1/4 per character beyond four."""
+    scores = []
+    for prompt, response in zip(prompts, responses):
+        last = int(prompt.strip()[-1])
+        want = "".join(str((last + 1 + k) % 10) for k in range(TARGET_DIGITS))
+        correct = 0
+        for got, expected in zip(response, want):
+            if got != expected:
+                break
+            correct += 1
+        extra = max(0, len(response) - TARGET_DIGITS)
+        scores.append(max(-1.0, (correct - extra) / TARGET_DIGITS))
+    return scores
+
+
+BUILTIN_DATASETS = {"counting": counting_prompts}
+BUILTIN_REWARDS = {"counting": counting_reward}
