@@ -1,0 +1,282 @@
+"""Resumable distributed checkpoints (model, optimizer, scheduler, data position, RNG) and the final HF export.
+
+    ckpt = Checkpointer(cfg.run_dir, keep=cfg.checkpoint.keep)
+    start = ckpt.latest()
+    if start is not None:
+        extra = ckpt.load(start, model=model, optimizer=optimizer, scheduler=scheduler)
+        set_rng_state(extra["rng"], sampler_generator)
+    ...
+    ckpt.save(it, model=model, optimizer=optimizer, scheduler=scheduler,
+              extra={"iteration": it, "data_position": pos, "rng": rng_state(sampler_generator)})
+
+On disk, one directory per checkpoint:
+
+    run_dir/checkpoints/step_00000040/
+        .metadata, __0_0.distcp, ...   model + optimizer, torch.distributed.checkpoint (DCP), sharded per rank
+        scheduler.pt                   the LR scheduler's state_dict (rank 0)
+        extra_rank{r}.pt               the caller's `extra` of rank r (its RNG streams differ from the others')
+        meta.json                      iteration and world size of the run that wrote it
+
+Every rank calls save/load/export_hf (they are collectives under FSDP2); without a process group the same
+code runs in one plain process. A checkpoint is written into `.tmp-step_XXXXXXXX` and renamed by rank 0 once
+every rank has finished, so a `step_*` directory that exists is complete; `.tmp-*` leftovers of a killed
+run are ignored and deleted by the next save. Multi-node runs need run_dir on a shared filesystem.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.tensor import DTensor
+
+_STEP = re.compile(r"step_(\d{8})")
+_TMP_PREFIX = ".tmp-"
+
+
+# ----------------------------------------------------------------------------------------------
+# process-group helpers: every function below also runs without one (a plain single process)
+# ----------------------------------------------------------------------------------------------
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _fsync_dir(path: str) -> None:
+    """Makes a rename or a file creation in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_file(obj: Any, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _load_file(path: str) -> Any:
+    # Our own files; they hold numpy RNG states and arbitrary picklable counters, hence weights_only=False.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Renames src to dst; an existing dst is moved aside first and deleted after, so dst is never partial."""
+    parent, name = os.path.split(dst)
+    old = os.path.join(parent, f"{_TMP_PREFIX}replaced-{name}")
+    if os.path.exists(dst):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dst, old)
+    os.rename(src, dst)
+    _fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+class Checkpointer:
+    """Saves and restores the full training state under run_dir/checkpoints, keeping the newest `keep`."""
+
+    def __init__(self, run_dir: str, *, keep: int):
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+        self.root = os.path.join(os.fspath(run_dir), "checkpoints")
+        self.keep = keep
+
+    def path(self, iteration: int) -> str:
+        return os.path.join(self.root, f"step_{iteration:08d}")
+
+    def iterations(self) -> list[int]:
+        """Iterations of the complete checkpoints, oldest first (`.tmp-*` and foreign names ignored)."""
+        if not os.path.isdir(self.root):
+            return []
+        found = (_STEP.fullmatch(name) for name in os.listdir(self.root))
+        return sorted(int(m.group(1)) for m in found if m and os.path.isdir(os.path.join(self.root, m.group(0))))
+
+    def latest(self) -> int | None:
+        """The newest complete checkpoint's iteration, or None."""
+        done = self.iterations()
+        return done[-1] if done else None
+
+    def save(self, iteration: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+             scheduler: Any | None, extra: dict) -> str:
+        """Writes a checkpoint of `iteration` (a collective: every rank calls it) and returns its directory."""
+        if not isinstance(iteration, int) or not 0 <= iteration < 10**8:
+            raise ValueError(f"iteration must be an int in [0, 1e8), got {iteration!r}")
+        if not isinstance(extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(extra).__name__}")
+        rank = _rank()
+        final = self.path(iteration)
+        tmp = os.path.join(self.root, _TMP_PREFIX + os.path.basename(final))
+        if rank == 0:
+            os.makedirs(self.root, exist_ok=True)
+            self._remove_tmp_dirs()  # leftovers of a killed run, and a partial write of this very iteration
+            os.makedirs(tmp)
+        _barrier()  # nobody writes into tmp before rank 0 has (re)created it
+
+        dcp.save(self._state(model, optimizer), checkpoint_id=tmp)
+        _save_file(extra, os.path.join(tmp, f"extra_rank{rank}.pt"))
+        if rank == 0:
+            if scheduler is not None:
+                _save_file(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump({"iteration": iteration, "world_size": _world_size()}, f)
+                f.flush()
+                os.fsync(f.fileno())
+        _barrier()  # every rank's files are in tmp
+
+        if rank == 0:
+            _fsync_dir(tmp)
+            _replace_dir(tmp, final)  # nothing is written into `final` after this
+            self._prune()
+        _barrier()  # on return, every rank sees the new checkpoint and latest() agrees
+        return final
+
+    def load(self, iteration: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+             scheduler: Any | None) -> dict:
+        """Restores model, optimizer and scheduler of `iteration` in place (a collective); returns this rank's extra."""
+        path = self.path(iteration) if isinstance(iteration, int) else None
+        if path is None or not os.path.isdir(path):
+            raise ValueError(f"no checkpoint for iteration {iteration!r} in {self.root} "
+                             f"(complete checkpoints: {self.iterations() or 'none'})")
+        state = self._state(model, optimizer)  # the shapes and shardings DCP loads into
+        dcp.load(state, checkpoint_id=path)
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if scheduler is not None:
+            sched_path = os.path.join(path, "scheduler.pt")
+            if not os.path.exists(sched_path):
+                raise ValueError(f"checkpoint {path} has no scheduler state, but a scheduler was passed")
+            scheduler.load_state_dict(_load_file(sched_path))
+        return _load_file(self._extra_path(path))
+
+    # -- internals -------------------------------------------------------------------------------
+    @staticmethod
+    def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+        # get_state_dict handles FSDP2 (DTensor shards) and plain modules alike; on a fresh optimizer it
+        # first materializes the state (a zero-lr step), so that DCP has tensors to load into.
+        if optimizer is None:
+            return {"model": get_model_state_dict(model)}
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    @staticmethod
+    def _extra_path(path: str) -> str:
+        own = os.path.join(path, f"extra_rank{_rank()}.pt")
+        if os.path.exists(own):
+            return own
+        # Resumed with more ranks than the run that wrote it: model and optimizer reshard, but the new
+        # ranks' RNG streams can only be copied from rank 0's (reseed them if they must differ).
+        warnings.warn(f"{own} does not exist (world size changed?); rank {_rank()} restores rank 0's extra")
+        return os.path.join(path, "extra_rank0.pt")
+
+    def _remove_tmp_dirs(self) -> None:
+        for name in os.listdir(self.root):
+            if name.startswith(_TMP_PREFIX):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+    def _prune(self) -> None:
+        for iteration in self.iterations()[:-self.keep]:
+            shutil.rmtree(self.path(iteration), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG
+# ----------------------------------------------------------------------------------------------
+def _numpy_random():
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy.random
+
+
+def rng_state(*generators: torch.Generator) -> dict:
+    """Every RNG a step may draw from: python, numpy (if importable), torch CPU, all CUDA devices, `generators`."""
+    np_random = _numpy_random()
+    return {
+        "python": random.getstate(),
+        "numpy": np_random.get_state() if np_random is not None else None,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "generators": [g.get_state() for g in generators],
+    }
+
+
+def set_rng_state(state: dict, *generators: torch.Generator) -> None:
+    """Restores what rng_state saved; `generators` must be the same number, in the same order."""
+    saved = state["generators"]
+    if len(saved) != len(generators):
+        raise ValueError(f"the RNG state holds {len(saved)} generator state(s), but {len(generators)} "
+                         f"generator(s) were passed")
+    random.setstate(state["python"])
+    np_random = _numpy_random()
+    if np_random is not None and state["numpy"] is not None:
+        np_random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        # A resume on fewer visible devices restores those it has; on a CPU-only machine, none.
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+    for generator, generator_state in zip(generators, saved):
+        generator.set_state(generator_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# final Hugging Face export
+# ----------------------------------------------------------------------------------------------
+def _is_sharded(model: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def export_hf(model: torch.nn.Module, tokenizer: Any | None, path: str) -> None:
+    """save_pretrained of the full model (and tokenizer) into `path`; a collective under FSDP2, rank 0 writes."""
+    if _is_sharded(model):
+        # Gathers every shard; with cpu_offload only rank 0 receives the tensors (on CPU), others get {}.
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state_dict = model.state_dict()
+    if _rank() == 0:
+        path = os.path.abspath(os.fspath(path))
+        parent, name = os.path.split(path)
+        tmp = os.path.join(parent, f"{_TMP_PREFIX}{name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        # Tied weights (embeddings = LM head) appear under both names; save_pretrained drops the tied copy.
+        model.save_pretrained(tmp, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, path)
+    _barrier()

@@ -1,0 +1,110 @@
+"""Processes and sharding: torchrun's process group (gloo on CPU, NCCL on GPU), FSDP2 per decoder
+layer, freezing all but the top layers, and the unsharded inference copy used for generation."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    sharded: bool  # launched by torchrun: FSDP2 wraps the models
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """One plain process, or torchrun's group: the same code path runs both."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return Dist(rank=0, world=1, device=device, sharded=False)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=device, sharded=True)
+
+
+def all_reduce(value: torch.Tensor, d: Dist, op=None) -> torch.Tensor:
+    if d.sharded and d.world > 1:
+        dist.all_reduce(value, op=op or dist.ReduceOp.SUM)
+    return value
+
+
+def decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks of a Hugging Face causal LM (the largest ModuleList of its base model)."""
+    lists = [m for m in lm.base_model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(lm).__name__}: no decoder layer list found")
+    return max(lists, key=len)
+
+
+def train_only_top_layers(lm: nn.Module, k: int) -> None:
+    """Freeze everything but the top k decoder layers, the final norm and the LM head (k = 0: train all).
+
+    The final norm is whatever parameter of the base model lives outside the layers and the input
+    embeddings; with tied embeddings the shared matrix is trained (it is the LM head)."""
+    if k <= 0:
+        return
+    layers = decoder_layers(lm)
+    if k > len(layers):
+        raise ValueError(f"model.train_top_layers={k} but the model has {len(layers)} layers")
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    inside_layers = {id(p) for p in layers.parameters()}
+    embed = {id(p) for p in lm.get_input_embeddings().parameters()}
+    for p in lm.base_model.parameters():
+        if id(p) not in inside_layers and id(p) not in embed:
+            p.requires_grad_(True)
+    for layer in list(layers)[-k:]:
+        layer.requires_grad_(True)
+    lm.get_output_embeddings().requires_grad_(True)
+
+
+def shard(wrapper: nn.Module, lm: nn.Module, d: Dist, *, compute_dtype: torch.dtype, checkpointing: bool) -> None:
+    """FSDP2: one group per decoder layer, the rest (embeddings, final norm, LM head; tied embeddings
+    included) in the wrapper's root group, whose forward gathers them for the fused loss."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415
+
+    layers = decoder_layers(lm)
+    if checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper  # noqa: PLC0415
+
+        for i, layer in enumerate(layers):
+            layers[i] = checkpoint_wrapper(layer)
+    mp = None
+    if d.device.type == "cuda" and compute_dtype != torch.float32:
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    kw = {"mp_policy": mp} if mp is not None else {}
+    if not d.sharded:
+        return
+    for layer in layers:
+        fully_shard(layer, **kw)
+    fully_shard(wrapper, **kw)
+
+
+@torch.no_grad()
+def refresh_inference_copy(inference: nn.Module, trained: nn.Module) -> None:
+    """Copy the (gathered) trained weights into the unsharded generation model. Parameter names match
+    after stripping the wrapper's 'lm.' prefix and activation-checkpoint wrappers."""
+    if inference is trained:
+        return
+    target = dict(inference.named_parameters())
+    for name, param in trained.named_parameters():
+        key = name.removeprefix("lm.").replace("_checkpoint_wrapped_module.", "")
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
+        target[key].copy_(full.to(target[key].dtype))

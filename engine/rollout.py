@@ -1,0 +1,92 @@
+"""From sampled responses to a REBEL training batch: labels, the missing-EOS penalty, scores,
+log pi_t and log pi_ref, and the KL-shaped rewards."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from engine.generate import Rollout
+from rebel_kernels import fused_token_logprobs
+
+IGNORE = -100
+
+
+class PolicyLogprobs(nn.Module):
+    """Wraps a Hugging Face causal LM: response token log-probabilities straight from the final hidden
+    states and the LM head through `fused_token_logprobs` (no logits). Under FSDP2 this wrapper is the
+    root module, so inside forward the LM head weight is the gathered tensor."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, labels, temperature: float) -> torch.Tensor:
+        """input_ids/attention_mask [R, P + N] (prompt then response), labels [R, N] -> logp [R, N]."""
+        n = labels.shape[1]
+        start = input_ids.shape[1] - n  # first response position; hidden at start - 1 predicts it
+        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=positions).last_hidden_state
+        head = self.lm.get_output_embeddings()
+        return fused_token_logprobs(hidden[:, start - 1 : start - 1 + n], head.weight, labels, bias=head.bias,
+                                    temperature=temperature)
+
+
+@dataclasses.dataclass
+class Batch:
+    """2B rows, pair i = rows (i, B + i); per-token tensors cover the response positions only."""
+
+    input_ids: torch.Tensor  # [2B, P + N]
+    attention_mask: torch.Tensor  # [2B, P + N]
+    labels: torch.Tensor  # [2B, N], IGNORE after the first EOS
+    finished: torch.Tensor  # [2B] bool
+    sampler_logprobs: torch.Tensor  # [2B, N]
+    sampled: torch.Tensor  # [2B] bool: drawn from the policy (False: hybrid partner from the dataset)
+    prompts: list[str]
+    responses: list[str]
+    old_logprobs: torch.Tensor | None = None  # [2B, N] log pi_t
+    ref_logprobs: torch.Tensor | None = None  # [2B, N] log pi_ref
+    scores: torch.Tensor | None = None  # [2B] after the missing-EOS penalty
+    rewards: torch.Tensor | None = None  # [2B] scores - kl_coef * KL
+
+    @property
+    def pairs(self) -> int:
+        return self.labels.shape[0] // 2
+
+    def rows(self, pair_ids: torch.Tensor) -> torch.Tensor:
+        """Row indices of a subset of pairs, in the (i, B + i) layout of a smaller batch."""
+        return torch.cat([pair_ids, pair_ids + self.pairs])
+
+
+def from_rollout(ro: Rollout, prompts: list[str], tokenizer) -> Batch:
+    labels = torch.where(ro.response_mask, ro.response_ids, IGNORE)
+    responses = tokenizer.batch_decode(torch.where(ro.response_mask, ro.response_ids, tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+    mask = torch.cat([ro.prompt_mask, ro.response_mask.to(ro.prompt_mask.dtype)], dim=1)
+    return Batch(input_ids=ro.sequences, attention_mask=mask, labels=labels, finished=ro.finished,
+                 sampler_logprobs=ro.logprobs, sampled=torch.ones_like(ro.finished), prompts=list(prompts),
+                 responses=responses)
+
+
+def apply_eos_penalty(raw: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:
+    """A response that never emitted EOS gets `penalty` instead of its score (replace, not subtract)."""
+    return torch.where(finished, raw, torch.full_like(raw, penalty))
+
+
+@torch.no_grad()
+def sequence_logprobs(model: PolicyLogprobs, batch: Batch, *, micro_pairs: int, temperature: float) -> torch.Tensor:
+    """Per-token log-probabilities [2B, N] of the batch's responses, by micro-batches of pairs in order
+    (the first training epoch walks the same micro-batches, so its ratio starts at exactly 0)."""
+    out = torch.zeros(batch.labels.shape, dtype=torch.float32, device=batch.labels.device)
+    for pair_ids in torch.arange(batch.pairs, device=batch.labels.device).split(micro_pairs):
+        rows = batch.rows(pair_ids)
+        out[rows] = model(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows], temperature).float()
+    return out
+
+
+def shape_rewards(scores: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, kl_coef: float):
+    """r = score - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)), sequence level. Returns (rewards, kl)."""
+    kl = old.sum(-1) - ref.sum(-1)
+    return scores - kl_coef * kl, kl

@@ -1,0 +1,279 @@
+"""REBEL training, end to end.
+
+    python engine/train.py                                  # the embedded default, one CPU process
+    torchrun --nproc_per_node=2 engine/train.py             # the same on 2 processes (FSDP2 over gloo/NCCL)
+    torchrun --nproc_per_node=8 engine/train.py --preset tldr_pythia_2b8 --optim.lr 3e-6
+
+One iteration: refresh the inference copy -> generate two responses per prompt -> cut at EOS, apply
+the missing-EOS penalty, score -> no-grad log pi_t and log pi_ref -> r = score - kl_coef * KL ->
+num_epochs passes of minibatches of the REBEL loss -> metrics -> checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+if __package__ in (None, ""):  # `python engine/train.py` / `torchrun engine/train.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from engine import config as config_mod
+from engine import data, parallel, rewards, rollout
+from engine.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
+from engine.generate import Sampler, eos_token_ids
+from engine.metrics import MetricsLogger, PhaseTimer, Progress
+from engine.tasks import char_tokenizer, tiny_llama
+from rebel_kernels import rebel_loss_from_logprobs
+
+log = logging.getLogger("rebel")
+
+
+# ----------------------------------------------------------------------------------------------
+# setup
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> config_mod.TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="default", choices=sorted(config_mod.PRESETS))
+    args, rest = parser.parse_known_args(argv)
+    if len(rest) % 2:
+        parser.error(f"overrides come as --section.key value pairs, got {rest}")
+    pairs = []
+    for key, value in zip(rest[::2], rest[1::2]):
+        if not key.startswith("--"):
+            parser.error(f"expected --section.key, got {key!r}")
+        pairs.append((key[2:], value))
+    return config_mod.apply_overrides(config_mod.PRESETS[args.preset](), pairs)
+
+
+def load_models(cfg: config_mod.TrainConfig, device):
+    """(policy, reference, tokenizer), through from_pretrained, or the built-in tiny model."""
+    if cfg.model.policy == "builtin:tiny-llama":
+        tokenizer = char_tokenizer()
+        policy = tiny_llama(tokenizer, seed=cfg.seed)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
+        policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.model.reference:
+        from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+        reference = AutoModelForCausalLM.from_pretrained(cfg.model.reference, dtype=torch.float32)
+    else:
+        reference = copy.deepcopy(policy)
+    # REBEL regresses onto exact log-ratios: no dropout anywhere (eval mode throughout).
+    policy.eval().to(device)
+    reference.eval().requires_grad_(False).to(device)
+    return policy, reference, tokenizer
+
+
+def make_optimizer(cfg: config_mod.TrainConfig, params, steps_per_iteration: int):
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.adam_eps)
+    total = cfg.optim.iterations * steps_per_iteration
+    warmup = cfg.optim.warmup_iterations * steps_per_iteration
+
+    def factor(step: int) -> float:  # linear warmup, then linear decay to 0 over the run
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# one iteration
+# ----------------------------------------------------------------------------------------------
+def collect(cfg, d, sampler, prompt_set, order, tokenizer, reward_fn, policy_lp, reference_lp, gen, timer):
+    """Generate, score and compute log pi_t / log pi_ref for this rank's share of the prompts."""
+    chosen = order.take(cfg.rebel.prompts_per_iteration)[d.rank :: d.world]
+    ids, mask = data.left_pad([prompt_set.prompt_ids[i] for i in chosen], tokenizer.pad_token_id, d.device)
+    with timer("generate"):
+        t0 = time.perf_counter()
+        ro = sampler.generate(ids, mask, cfg.generation, generator=gen)
+        gen_s = time.perf_counter() - t0
+    texts = [prompt_set.prompts[i] for i in chosen] * 2
+    batch = rollout.from_rollout(ro, texts, tokenizer)
+    with timer("score"):
+        raw = rewards.score(reward_fn, batch.prompts, batch.responses, d.device)
+        batch.scores = rollout.apply_eos_penalty(raw, batch.finished, cfg.reward.missing_eos_penalty)
+    with timer("logprobs"):
+        kw = dict(micro_pairs=cfg.rebel.micro_batch_pairs, temperature=cfg.generation.temperature)
+        batch.old_logprobs = rollout.sequence_logprobs(policy_lp, batch, **kw)
+        batch.ref_logprobs = rollout.sequence_logprobs(reference_lp, batch, **kw)
+    batch.rewards, kl = rollout.shape_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs, cfg.rebel.kl_coef)
+    valid = batch.labels != rollout.IGNORE
+    gap = (batch.sampler_logprobs - batch.old_logprobs).abs()[valid]
+    stats = {
+        "reward/mean": batch.rewards.mean().item(), "reward/std": batch.rewards.std().item(),
+        "score/mean": batch.scores.mean().item(), "kl/mean": kl.mean().item(),
+        "eos_rate": batch.finished.float().mean().item(), "truncation_rate": 1 - batch.finished.float().mean().item(),
+        "response_length/mean": valid.sum(-1).float().mean().item(),
+        "generation/tokens_per_s": valid.sum().item() / max(gen_s, 1e-9),
+        "logprob_gap/mean_abs": gap.mean().item() if gap.numel() else 0.0,
+    }
+    return batch, stats
+
+
+def update(cfg, d, policy_lp, batch, opt, sched, train_gen, counters) -> dict:
+    """num_epochs passes of minibatch AdamW steps on the REBEL loss; pairs stay in one micro-batch."""
+    pairs = batch.pairs
+    per_mb = pairs // cfg.rebel.minibatches
+    losses = []
+    params = [p for p in policy_lp.parameters() if p.requires_grad]
+    for epoch in range(cfg.rebel.num_epochs):
+        order = torch.arange(pairs) if epoch == 0 else torch.randperm(pairs, generator=train_gen)
+        for mb in order.to(d.device).split(per_mb):
+            opt.zero_grad(set_to_none=True)
+            total, bad = 0.0, torch.zeros((), device=d.device)
+            for micro in mb.split(cfg.rebel.micro_batch_pairs):
+                rows = batch.rows(micro)
+                logp = policy_lp(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows],
+                                 cfg.generation.temperature)
+                loss = rebel_loss_from_logprobs(logp, batch.labels[rows], batch.old_logprobs[rows],
+                                                batch.rewards[rows], eta=cfg.rebel.eta, reduction="sum")
+                # mean over the minibatch's pairs on all ranks (FSDP2 averages gradients over ranks)
+                (loss * d.world / (len(mb) * d.world)).backward()
+                bad += (~torch.isfinite(loss)).float()
+                total += loss.detach()
+            bad = parallel.all_reduce(bad, d)
+            if bad.item() > 0:  # never let a non-finite loss touch the weights
+                log.warning("non-finite REBEL loss: minibatch skipped")
+                counters["skipped_batches"] += 1
+                opt.zero_grad(set_to_none=True)
+                continue
+            if cfg.optim.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            opt.step()
+            sched.step()
+            losses.append(parallel.all_reduce(torch.as_tensor(total, device=d.device).float(), d).item()
+                          / (len(mb) * d.world))
+    return {"loss/first": losses[0] if losses else math.nan, "loss/last": losses[-1] if losses else math.nan,
+            "lr": sched.get_last_lr()[0]}
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+class _Stop:
+    """SIGTERM: finish the current iteration, write a checkpoint, exit."""
+
+    requested = False
+
+    @classmethod
+    def install(cls):
+        signal.signal(signal.SIGTERM, lambda *_: setattr(cls, "requested", True))
+
+
+def train(cfg: config_mod.TrainConfig) -> dict:
+    d = parallel.init_distributed()
+    logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING, format="%(asctime)s %(message)s")
+    if cfg.rebel.prompts_per_iteration % (d.world * cfg.rebel.minibatches):
+        raise ValueError(f"rebel.prompts_per_iteration={cfg.rebel.prompts_per_iteration} must be divisible by "
+                         f"world size x rebel.minibatches = {d.world * cfg.rebel.minibatches}")
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    if d.is_main:
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            f.write(config_mod.to_json(cfg))
+    _Stop.install()
+
+    policy, reference, tokenizer = load_models(cfg, d.device)
+    compute_dtype = getattr(torch, cfg.model.dtype)
+    inference = copy.deepcopy(policy).to(compute_dtype) if d.sharded or compute_dtype != torch.float32 else policy
+    parallel.train_only_top_layers(policy, cfg.model.train_top_layers)
+    policy_lp, reference_lp = rollout.PolicyLogprobs(policy), rollout.PolicyLogprobs(reference)
+    parallel.shard(policy_lp, policy, d, compute_dtype=compute_dtype, checkpointing=cfg.model.activation_checkpointing)
+    parallel.shard(reference_lp, reference, d, compute_dtype=compute_dtype, checkpointing=False)
+    sampler = Sampler(inference, eos_ids=eos_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id)
+
+    prompt_set = data.prepare(data.load_rows(cfg.data), tokenizer, cfg.data)
+    order = data.PromptOrder(len(prompt_set.prompts), cfg.seed)
+    default_reward = cfg.data.prompts if cfg.data.prompts.startswith("builtin:") else None
+    reward_fn = rewards.build_reward(cfg.reward, default=default_reward, device=d.device)
+    steps = cfg.rebel.num_epochs * cfg.rebel.minibatches
+    opt, sched = make_optimizer(cfg, [p for p in policy_lp.parameters() if p.requires_grad], steps)
+    gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000 + d.rank)
+    train_gen = torch.Generator().manual_seed(cfg.seed)
+    counters = {"skipped_batches": 0}
+
+    ckpt = Checkpointer(cfg.run_dir, keep=cfg.checkpoint.keep)
+    start = ckpt.latest()
+    if start is not None:
+        extra = ckpt.load(start, model=policy_lp, optimizer=opt, scheduler=sched)
+        order.load_state_dict(extra["order"])
+        counters.update(extra["counters"])
+        set_rng_state(extra["rng"], gen, train_gen)
+        log.info("resumed from iteration %d", start)
+    first = 0 if start is None else start + 1
+    metrics = MetricsLogger(cfg.run_dir, tensorboard=cfg.logging.tensorboard, plots=cfg.logging.plots,
+                            is_main=d.is_main, resume_from=start)
+    progress = Progress(cfg.optim.iterations, initial=first, enabled=cfg.logging.progress and d.is_main)
+    timer = PhaseTimer(sync_cuda=d.device.type == "cuda")
+
+    def save(iteration: int):
+        extra = {"order": order.state_dict(), "counters": dict(counters), "rng": rng_state(gen, train_gen),
+                 "iteration": iteration}
+        ckpt.save(iteration, model=policy_lp, optimizer=opt, scheduler=sched, extra=extra)
+
+    last = {}
+    for it in range(first, cfg.optim.iterations):
+        if d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t_iter = time.perf_counter()
+        with timer("sync"):
+            parallel.refresh_inference_copy(inference, policy_lp)
+        progress.phase("generate")
+        batch, stats = collect(cfg, d, sampler, prompt_set, order, tokenizer, reward_fn, policy_lp, reference_lp,
+                               gen, timer)
+        progress.phase("update")
+        finite = parallel.all_reduce((~torch.isfinite(batch.rewards)).any().float(), d).item() == 0
+        if finite:
+            with timer("update"):
+                stats.update(update(cfg, d, policy_lp, batch, opt, sched, train_gen, counters))
+        else:
+            log.warning("non-finite reward at iteration %d: update skipped", it)
+            counters["skipped_batches"] += 1
+        stats.update(timer.pop(), counters, **{"time/iteration": time.perf_counter() - t_iter})
+        stats["memory/peak_gib"] = (torch.cuda.max_memory_allocated() / 2**30 if d.device.type == "cuda"
+                                    else _rss_gib())
+        metrics.log(it, stats)
+        progress.advance(stats)
+        last = stats
+        final = it == cfg.optim.iterations - 1
+        if _Stop.requested or final or (cfg.checkpoint.every and (it + 1) % cfg.checkpoint.every == 0):
+            save(it)
+        if _Stop.requested:
+            log.warning("SIGTERM: checkpoint written at iteration %d, exiting", it)
+            break
+    progress.close()
+    if d.is_main and cfg.logging.plots:
+        metrics.plot()
+    metrics.close()
+    if cfg.checkpoint.export_hf and not _Stop.requested:
+        export_hf(policy_lp.lm if not d.sharded else policy_lp, tokenizer, os.path.join(cfg.run_dir, "final"))
+    if d.sharded:
+        torch.distributed.destroy_process_group()
+    return last
+
+
+def _rss_gib() -> float:
+    import resource  # noqa: PLC0415
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()
