@@ -24,6 +24,7 @@ run are ignored and deleted by the next save. Multi-node runs need run_dir on a 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -61,6 +62,14 @@ def _world_size() -> int:
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_dcp():
+    """Without a process group DCP runs in one process (no_dist) and warns so on every call: silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _fsync_dir(path: str) -> None:
@@ -144,7 +153,8 @@ class Checkpointer:
             os.makedirs(tmp)
         _barrier()  # nobody writes into tmp before rank 0 has (re)created it
 
-        dcp.save(self._state(model, optimizer), checkpoint_id=tmp)
+        with _single_process_dcp():
+            dcp.save(self._state(model, optimizer), checkpoint_id=tmp, no_dist=not _distributed())
         _save_file(extra, os.path.join(tmp, f"extra_rank{rank}.pt"))
         if rank == 0:
             if scheduler is not None:
@@ -170,7 +180,8 @@ class Checkpointer:
             raise ValueError(f"no checkpoint for iteration {iteration!r} in {self.root} "
                              f"(complete checkpoints: {self.iterations() or 'none'})")
         state = self._state(model, optimizer)  # the shapes and shardings DCP loads into
-        dcp.load(state, checkpoint_id=path)
+        with _single_process_dcp():
+            dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
         if optimizer is None:
             set_model_state_dict(model, state["model"])
         else:
@@ -261,8 +272,27 @@ def _is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def _hf_submodule(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """The Hugging Face model itself (prefix "") or the first one inside a wrapper, with its name."""
+    for name, module in model.named_modules():
+        if callable(getattr(module, "save_pretrained", None)):
+            return name, module
+    raise ValueError(f"export_hf: {type(model).__name__} neither is nor contains a model with save_pretrained")
+
+
+def _hf_keys(state_dict: dict, prefix: str) -> dict:
+    """Keys relative to the HF model: its prefix in a wrapper and activation-checkpoint wrappers removed."""
+    prefix = f"{prefix}." if prefix else ""
+    return {key[len(prefix):].replace("_checkpoint_wrapped_module.", ""): value
+            for key, value in state_dict.items() if key.startswith(prefix)}
+
+
 def export_hf(model: torch.nn.Module, tokenizer: Any | None, path: str) -> None:
-    """save_pretrained of the full model (and tokenizer) into `path`; a collective under FSDP2, rank 0 writes."""
+    """save_pretrained of the full model (and tokenizer) into `path`; a collective under FSDP2, rank 0 writes.
+
+    `model` is a Hugging Face model or a wrapper holding one (e.g. the FSDP root around it); its weights
+    are gathered from the shards and written under the HF model's own names."""
+    prefix, hf_model = _hf_submodule(model)
     if _is_sharded(model):
         # Gathers every shard; with cpu_offload only rank 0 receives the tensors (on CPU), others get {}.
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -275,7 +305,7 @@ def export_hf(model: torch.nn.Module, tokenizer: Any | None, path: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         # Tied weights (embeddings = LM head) appear under both names; save_pretrained drops the tied copy.
-        model.save_pretrained(tmp, state_dict=state_dict)
+        hf_model.save_pretrained(tmp, state_dict=_hf_keys(state_dict, prefix))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _replace_dir(tmp, path)
