@@ -213,6 +213,10 @@ def train(cfg: config_mod.TrainConfig) -> dict:
         counters.update(extra["counters"])
         set_rng_state(extra["rng"], gen, train_gen)
         log.info("resumed from iteration %d", start)
+    else:  # a fresh run in a reused directory starts clean metrics
+        for stale in ("metrics.jsonl",):
+            if d.is_main and os.path.exists(os.path.join(cfg.run_dir, stale)):
+                os.remove(os.path.join(cfg.run_dir, stale))
     first = 0 if start is None else start + 1
     metrics = MetricsLogger(cfg.run_dir, tensorboard=cfg.logging.tensorboard, plots=cfg.logging.plots,
                             is_main=d.is_main, resume_from=start)
@@ -242,7 +246,9 @@ def train(cfg: config_mod.TrainConfig) -> dict:
         else:
             log.warning("non-finite reward at iteration %d: update skipped", it)
             counters["skipped_batches"] += 1
-        stats.update(timer.pop(), counters, **{"time/iteration": time.perf_counter() - t_iter})
+        stats.update(timer.pop())
+        stats.update(counters)
+        stats["time/iteration"] = time.perf_counter() - t_iter
         stats["memory/peak_gib"] = (torch.cuda.max_memory_allocated() / 2**30 if d.device.type == "cuda"
                                     else _rss_gib())
         metrics.log(it, stats)
@@ -259,7 +265,7 @@ def train(cfg: config_mod.TrainConfig) -> dict:
         metrics.plot()
     metrics.close()
     if cfg.checkpoint.export_hf and not _Stop.requested:
-        export_hf(policy_lp.lm if not d.sharded else policy_lp, tokenizer, os.path.join(cfg.run_dir, "final"))
+        export_hf(policy_lp, tokenizer, os.path.join(cfg.run_dir, "final"))
     if d.sharded:
         torch.distributed.destroy_process_group()
     return last
