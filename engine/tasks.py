@@ -53,7 +53,8 @@ def counting_prompts(n: int = 2000, seed: int = 1234) -> list[dict]:
 
 
 def counting_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    """Score in [-1, 1]: +1/4 per leading digit that continues the count, -1/4 per character beyond four."""
+    """Score in [-1, 1]: +1/4 per leading digit that continues the count, -1/4 per other character or
+    per character beyond four; an empty response scores -1/2 (saying nothing is worse than a wrong guess)."""
     scores = []
     for prompt, response in zip(prompts, responses):
         last = int(prompt.strip()[-1])
@@ -63,8 +64,11 @@ def counting_reward(prompts: list[str], responses: list[str]) -> list[float]:
             if got != expected:
                 break
             correct += 1
-        extra = max(0, len(response) - TARGET_DIGITS)
-        scores.append(max(-1.0, (correct - extra) / TARGET_DIGITS))
+        if not response:
+            scores.append(-0.5)
+            continue
+        wrong = len(response) - correct
+        scores.append(max(-1.0, (correct - wrong) / TARGET_DIGITS))
     return scores
 
 

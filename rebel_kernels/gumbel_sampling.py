@@ -1,0 +1,382 @@
+"""Temperature sampling straight from the last hidden state and the LM head, by the Gumbel-max trick.
+
+For row r, with logits z = (h_r W^T + b) / T computed in float32 (float64 for float64 inputs):
+
+    token_r   = argmax_v (z_v + G_{r,v}),   G_{r,v} = -log(-log U_{r,v}),  U_{r,v} ~ U[0, 1) i.i.d.
+    logprob_r = z_{token_r} - logsumexp_v z_v
+
+argmax of logits plus i.i.d. Gumbel(0, 1) noise is an exact sample of softmax(z) (Gumbel, 1954; the
+"Gumbel-max trick"). Ties go to the smaller index; a noise of -inf (U = 0, probability 2^-31 per
+entry in the Triton path) just removes that entry. This is plain temperature sampling without
+top-k/top-p, what REBEL uses (DESIGN.md pitfall 5: the log-probability returned is the one of the
+distribution actually sampled). No [R, V] tensor is ever formed; the only device-side state beyond
+the outputs is a [splits, R] table of partial results.
+
+Layers, as for the other ops: `reference_gumbel_sample` (the specification, with explicit
+uniforms), the Triton kernels and their launcher, a chunked PyTorch path, and the public
+`sample_from_hidden`, which alone checks arguments and picks the backend.
+
+Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1):
+  1. `_gumbel_partial_kernel`, grid (vocab splits, row blocks): for its rows and its fixed slice of
+     SPLIT_V vocabulary columns, tile by tile (BLOCK_N columns, the on-chip matmul tiled over H by
+     BLOCK_K as in `triton_kernels._logits_tile`): the running max of z + G and its column, z at
+     that column, and the online log-sum-exp (m, s = sum exp(z - m)) of z.
+  2. `_gumbel_combine_kernel`, one program per BLOCK rows: merges the splits in increasing order.
+  The noise of (r, v) is U = tl.rand(seed, r * V + v) (Philox 4x32-10, int64 counter), so it does
+  not depend on tiles, splits, launch order or the other rows of the batch (a prefix of the rows
+  samples the same tokens alone). The seed is a [1] int64 device tensor drawn from the
+  torch.Generator (`draw_seed`) and loaded inside the kernel: sampling never syncs with the host,
+  and a captured CUDA graph reads a fresh seed on every replay instead of baking one in.
+  Deterministic: fixed loop orders and no atomics; ties go to the smaller index at every level
+  (strict `>` while walking tiles and splits in increasing column order, min index within a tile).
+
+Torch path (CPU tensors by default, or REBEL_KERNELS_BACKEND=torch): the same math over chunks of
+TORCH_ROW_CHUNK rows x TORCH_VOCAB_CHUNK columns, with uniforms drawn by `torch.rand` from the
+generator chunk by chunk (rows outer, columns inner). Its samples follow the same distribution but
+are not the Triton path's samples for the same seed (different random streams).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _alloc, _backend, _validate, torch_impl
+from .triton_kernels import TileConfig, _dot_precision, _logits_tile, _upcast_dot, interpreting
+
+__all__ = ["sample_from_hidden", "reference_gumbel_sample", "kernel_uniforms", "draw_seed"]
+
+TORCH_ROW_CHUNK = 1024
+TORCH_VOCAB_CHUNK = 4096
+SEED_HIGH = 2**63 - 1  # seeds are drawn uniformly from [0, SEED_HIGH): all 64 bits key Philox
+
+# Sampling runs on few rows (a decode batch), so its vocabulary splits are much smaller than the
+# log-probability forward's: V / SPLIT_V programs per row block must fill the GPU on their own
+# (V = 50k: ~200 programs; V = 128k: ~500). GPU entries are untuned first guesses.
+_SAMPLE_TABLE = {
+    "interpret": TileConfig(block_m=32, block_n=32, block_k=16, num_warps=1, num_stages=1, split_v=64),
+    "sm90": TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4, split_v=256),
+    "sm80": TileConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3, split_v=256),
+}
+
+
+def sample_config(device: torch.device, dtype: torch.dtype) -> TileConfig:
+    if interpreting() or device.type != "cuda":
+        return _SAMPLE_TABLE["interpret"]
+    major, _ = torch.cuda.get_device_capability(device)
+    cfg = _SAMPLE_TABLE["sm90" if major >= 9 else "sm80"]
+    if dtype == torch.float32:
+        cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2, num_stages=max(2, cfg.num_stages - 1))
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# reference
+# ----------------------------------------------------------------------------------------------
+def reference_gumbel_sample(logits: torch.Tensor, uniforms: torch.Tensor):
+    """The specification, with the noise made explicit.  logits, uniforms [R, V] -> (tokens int64 [R],
+    logprobs [R] in logits' dtype).
+
+    logits are already divided by the temperature; uniforms lie in [0, 1).
+        token_r = argmax_v (logits[r, v] - log(-log(uniforms[r, v])))   (first index on ties)
+        logprob_r = log_softmax(logits[r])[token_r]
+    """
+    gumbel = -torch.log(-torch.log(uniforms.to(logits.dtype)))
+    tokens = torch.argmax(logits + gumbel, dim=-1)  # documented: the first maximal index
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+    return tokens, logprobs
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _gumbel_noise(seed, rows, cols, V):
+    """G[m, n] = -log(-log U), U = tl.rand(seed, rows[m] * V + cols[n]) in [0, 1).  -> [BLOCK_M, BLOCK_N]"""
+    offsets = rows.to(tl.int64)[:, None] * V + cols[None, :]
+    u = tl.rand(seed, offsets)
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _gumbel_partial_kernel(
+    h_ptr, w_ptr, b_ptr, seed_ptr,              # hidden [R, H], weight [V, H], bias [V], seed [1] int64
+    best_ptr, zsel_ptr, m_ptr, s_ptr, idx_ptr,  # partials [num_splits, R]: float32 x 4, int32
+    R, V, H, stride_h, stride_w, inv_temp,
+    HAS_BIAS: tl.constexpr, ADD_NOISE: tl.constexpr, SPLIT_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Over this program's columns c in [v_begin, v_end), for each of its rows:
+    #   best = max_c (z_c + G_c), idx = the smallest c attaining it, zsel = z_idx,
+    #   m = max_c z_c, s = sum_c exp(z_c - m)   (online: s <- s * exp(m - m') + sum exp(z - m')).
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < R
+    src = tl.where(rmask, rows, 0)
+    seed = tl.load(seed_ptr)  # a device scalar: no host round trip for the seed
+
+    v_begin = pid_s * SPLIT_V
+    v_end = tl.minimum(v_begin + SPLIT_V, V)
+    best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    idx = tl.zeros((BLOCK_M,), dtype=tl.int32) + v_begin  # kept when every score is -inf
+    zsel = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for v0 in range(v_begin, v_end, BLOCK_N):
+        cols = v0 + tl.arange(0, BLOCK_N)
+        cmask = cols < v_end
+        acc = _logits_tile(h_ptr, src, rmask, w_ptr, w_ptr, v0, cols, cmask, H, stride_h, stride_w,
+                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, False)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(cmask[None, :], acc * inv_temp, float("-inf"))  # [BLOCK_M, BLOCK_N]
+        if ADD_NOISE:
+            score = z + _gumbel_noise(seed, rows, cols, V)
+        else:
+            score = z
+        score = tl.where(cmask[None, :], score, float("-inf"))
+        # Tile argmax, smallest column on ties. cols[0] = v0 is always in range, so a row whose
+        # scores are all -inf picks a valid column (v0), never a masked one. t_idx = V (no column
+        # equals a NaN max) is never taken: NaN > best is false, so tokens stay in [0, V).
+        t_best = tl.max(score, axis=1)
+        t_idx = tl.min(tl.where(score == t_best[:, None], cols[None, :], V), axis=1)
+        t_z = tl.sum(tl.where(cols[None, :] == t_idx[:, None], z, 0.0), axis=1)
+        take = t_best > best  # strict: an equal score in a later tile keeps the earlier column
+        best = tl.where(take, t_best, best)
+        idx = tl.where(take, t_idx, idx)
+        zsel = tl.where(take, t_z, zsel)
+        # online log-sum-exp of z (each tile holds at least one finite z, so m_new is finite)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+    out = pid_s * R + rows
+    tl.store(best_ptr + out, best, mask=rmask)
+    tl.store(zsel_ptr + out, zsel, mask=rmask)
+    tl.store(m_ptr + out, m, mask=rmask)
+    tl.store(s_ptr + out, s, mask=rmask)
+    tl.store(idx_ptr + out, idx, mask=rmask)
+
+
+@triton.jit
+def _gumbel_combine_kernel(
+    best_ptr, zsel_ptr, m_ptr, s_ptr, idx_ptr,  # partials [NUM_SPLITS, R]
+    tok_ptr, logp_ptr,                          # outputs [R]: int64, float32
+    R, NUM_SPLITS, BLOCK: tl.constexpr,
+):
+    # token = idx of the first split with the largest best (splits in increasing column order, strict
+    # `>`: ties keep the smaller column); lse = M + log sum_i s_i exp(m_i - M), M = max_i m_i;
+    # logprob = zsel(token) - lse.
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < R
+    best = tl.load(best_ptr + rows, mask=rmask, other=0.0)
+    idx = tl.load(idx_ptr + rows, mask=rmask, other=0)
+    zsel = tl.load(zsel_ptr + rows, mask=rmask, other=0.0)
+    big_m = tl.load(m_ptr + rows, mask=rmask, other=0.0)
+    for i in range(1, NUM_SPLITS):
+        b_i = tl.load(best_ptr + i * R + rows, mask=rmask, other=0.0)
+        take = b_i > best
+        best = tl.where(take, b_i, best)
+        idx = tl.where(take, tl.load(idx_ptr + i * R + rows, mask=rmask, other=0), idx)
+        zsel = tl.where(take, tl.load(zsel_ptr + i * R + rows, mask=rmask, other=0.0), zsel)
+        big_m = tl.maximum(big_m, tl.load(m_ptr + i * R + rows, mask=rmask, other=0.0))
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, NUM_SPLITS):
+        m_i = tl.load(m_ptr + i * R + rows, mask=rmask, other=0.0)
+        s += tl.load(s_ptr + i * R + rows, mask=rmask, other=0.0) * tl.exp(m_i - big_m)
+    lse = big_m + tl.log(tl.where(rmask, s, 1.0))
+    tl.store(tok_ptr + rows, idx.to(tl.int64), mask=rmask)
+    tl.store(logp_ptr + rows, zsel - lse, mask=rmask)
+
+
+@triton.jit
+def _uniforms_kernel(seed_ptr, out_ptr, R, V, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # out[r, v] = tl.rand(seed, r * V + v): the uniforms behind the sampling kernel's noise.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offsets = rows.to(tl.int64)[:, None] * V + cols[None, :]
+    u = tl.rand(tl.load(seed_ptr), offsets)
+    tl.store(out_ptr + offsets, u, mask=(rows < R)[:, None] & (cols < V)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A [1] int64 seed on `device`, drawn from `generator` (the device's default one when None)
+    without a host sync."""
+    return torch.randint(0, SEED_HIGH, (1,), generator=generator, device=device, dtype=torch.int64)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def gumbel_sample_triton(hidden, weight, bias, temperature: float, seed: torch.Tensor | None, *,
+                         config: TileConfig | None = None, add_noise: bool = True):
+    """hidden [R, H], weight [V, H], bias [V] or None, seed [1] int64 on the device.
+    Returns (tokens int64 [R], logprobs float32 [R]). `add_noise=False` gives the plain argmax of z
+    (used by the tests to check tie breaking; the seed may then be None)."""
+    if seed is None:
+        seed = torch.zeros((1,), dtype=torch.int64, device=hidden.device)
+    hidden, weight = _last_dim_contiguous(hidden), _last_dim_contiguous(weight)
+    bias = None if bias is None else bias.contiguous()
+    rows, hdim = hidden.shape
+    vocab = weight.shape[0]
+    cfg = config or sample_config(hidden.device, hidden.dtype)
+    if cfg.split_v % cfg.block_n:
+        raise ValueError(f"config.split_v={cfg.split_v} must be a multiple of config.block_n={cfg.block_n}")
+    split_v = min(cfg.split_v, triton.cdiv(vocab, cfg.block_n) * cfg.block_n)
+    num_splits = triton.cdiv(vocab, split_v)
+    dev = hidden.device
+    parts = _alloc.empty((4, num_splits, rows), dtype=torch.float32, device=dev)  # best, zsel, m, s
+    part_idx = _alloc.empty((num_splits, rows), dtype=torch.int32, device=dev)
+    _gumbel_partial_kernel[(num_splits, triton.cdiv(rows, cfg.block_m))](
+        hidden, weight, bias if bias is not None else weight, seed,
+        parts[0], parts[1], parts[2], parts[3], part_idx,
+        rows, vocab, hdim, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+        HAS_BIAS=bias is not None, ADD_NOISE=add_noise, SPLIT_V=split_v,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_upcast_dot(hidden.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    tokens = _alloc.empty((rows,), dtype=torch.int64, device=dev)
+    logprobs = _alloc.empty((rows,), dtype=torch.float32, device=dev)
+    block = 256
+    _gumbel_combine_kernel[(triton.cdiv(rows, block),)](
+        parts[0], parts[1], parts[2], parts[3], part_idx, tokens, logprobs, rows, num_splits, BLOCK=block,
+    )
+    return tokens, logprobs
+
+
+def kernel_uniforms(seed: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
+    """The [rows, vocab] float32 uniforms the Triton kernel draws for `seed` (materialized: for
+    tests and debugging only)."""
+    out = torch.empty((rows, vocab), dtype=torch.float32, device=seed.device)
+    bm, bn = 16, 64
+    _uniforms_kernel[(triton.cdiv(rows, bm), triton.cdiv(vocab, bn))](seed, out, rows, vocab, BLOCK_M=bm, BLOCK_N=bn)
+    return out
+
+
+def gumbel_sample_torch(hidden, weight, bias, temperature: float, generator: torch.Generator | None, *,
+                        add_noise: bool = True):
+    """The chunked PyTorch path. Returns (tokens int64 [R], logprobs [R]) (float32; float64 for
+    float64 inputs). Uniforms come from `torch.rand(..., generator=generator)`, one
+    [<= TORCH_ROW_CHUNK, <= TORCH_VOCAB_CHUNK] draw per chunk, rows outer, columns inner."""
+    inv_temp = 1.0 / temperature
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    tokens = _alloc.empty((rows,), dtype=torch.int64, device=dev)
+    logprobs = _alloc.empty((rows,), dtype=acc, device=dev)
+    for r0 in range(0, rows, TORCH_ROW_CHUNK):
+        hc = hidden[r0 : r0 + TORCH_ROW_CHUNK]
+        n = hc.shape[0]
+        best = torch.full((n,), float("-inf"), dtype=acc, device=dev)
+        idx = torch.zeros((n,), dtype=torch.int64, device=dev)
+        zsel = torch.zeros((n,), dtype=acc, device=dev)
+        m = torch.full((n,), float("-inf"), dtype=acc, device=dev)
+        s = torch.zeros((n,), dtype=acc, device=dev)
+        for v0 in range(0, vocab, TORCH_VOCAB_CHUNK):
+            bc = None if bias is None else bias[v0 : v0 + TORCH_VOCAB_CHUNK]
+            z = torch_impl._logits_tile(hc, weight[v0 : v0 + TORCH_VOCAB_CHUNK], bc, inv_temp)  # [n, c]
+            score = z
+            if add_noise:
+                u = torch.rand(z.shape, generator=generator, dtype=acc, device=dev)
+                score = z - torch.log(-torch.log(u))
+            c_idx = torch.argmax(score, dim=1, keepdim=True)  # first maximal column of the chunk
+            c_best = score.gather(1, c_idx)[:, 0]
+            take = c_best > best  # strict: ties keep the earlier chunk's (smaller) column
+            best = torch.where(take, c_best, best)
+            idx = torch.where(take, c_idx[:, 0] + v0, idx)
+            zsel = torch.where(take, z.gather(1, c_idx)[:, 0], zsel)
+            m_new = torch.maximum(m, z.amax(1))
+            s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
+            m = m_new
+        tokens[r0 : r0 + n] = idx
+        logprobs[r0 : r0 + n] = zsel - (m + torch.log(s))
+    return tokens, logprobs
+
+
+# ----------------------------------------------------------------------------------------------
+# public op
+# ----------------------------------------------------------------------------------------------
+def _check_inputs(hidden, weight, bias, temperature, generator) -> float:
+    _validate.tensor("hidden", hidden, floating=True)
+    _validate.tensor("weight", weight, floating=True)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [R, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dim must equal weight's H={weight.shape[1]}, got hidden shape {tuple(hidden.shape)}"
+        )
+    if hidden.shape[0] == 0:
+        raise ValueError(f"hidden must have at least one row, got shape {tuple(hidden.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight has an empty vocabulary: shape {tuple(weight.shape)}")
+    _validate.same_device("weight", weight, hidden)
+    if bias is not None:
+        _validate.tensor("bias", bias, floating=True)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
+        _validate.same_device("bias", bias, hidden)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        gdev = generator.device
+        same = gdev.type == hidden.device.type and (
+            gdev.index is None or hidden.device.index is None or gdev.index == hidden.device.index
+        )
+        if not same:
+            raise ValueError(f"generator is on {gdev} but hidden is on {hidden.device}")
+    return _validate.positive_finite("temperature", temperature)
+
+
+@torch.no_grad()
+def sample_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+):
+    """Sample one token per row from softmax((hidden @ weight.T + bias) / temperature), without
+    materializing the [R, V] logits and without a host sync.
+
+    Plain temperature sampling (no top-k/top-p) by the Gumbel-max trick: token = argmax_v (z_v + G_v)
+    with i.i.d. Gumbel(0, 1) noise G, tile by tile over the vocabulary; logits accumulate in float32.
+
+    Args:
+        hidden: [R, H] last hidden states, float16 / bfloat16 / float32 (float64: torch backend).
+        weight: [V, H] LM head weight, same dtype and device (a replicated DTensor is unwrapped).
+        bias: optional [V] head bias.
+        temperature: finite and > 0; logits are divided by it (the same temperature the training
+            log-probabilities must use).
+        generator: a torch.Generator on hidden's device, or None for the device's default one. Each
+            call advances it; the same generator state gives the same tokens (on the same backend,
+            device and tile configuration).
+
+    Returns:
+        (tokens int64 [R], logprobs [R]): the sampled token ids and log softmax(z)[token], float32
+        (float64 for float64 inputs). Rows are independent samples, even when their hidden states
+        are equal. Non-finite logits give unspecified tokens.
+    """
+    weight = _validate.unshard("weight", weight)
+    bias = None if bias is None else _validate.unshard("bias", bias)
+    temperature = _check_inputs(hidden, weight, bias, temperature, generator)
+    if _backend.resolve(hidden) == "torch":
+        return gumbel_sample_torch(hidden, weight, bias, temperature, generator)
+    seed = draw_seed(generator, hidden.device)
+    return gumbel_sample_triton(hidden, weight, bias, temperature, seed)
+
+
