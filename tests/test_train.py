@@ -1,0 +1,179 @@
+"""engine/train.py on tiny models saved locally: loading, one iteration's numbers against a
+plain-PyTorch recomputation, pairs kept together, the EOS penalty, resume after SIGKILL, torchrun."""
+import copy
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from engine import config as C
+from engine import rollout
+from engine.generate import Sampler
+from engine.tasks import char_tokenizer, counting_prompts, tiny_llama
+from engine.train import collect, load_models, make_optimizer, train, update
+from rebel_kernels.reference import reference_rebel_loss_from_logprobs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_cfg(run_dir, **sections) -> C.TrainConfig:
+    base = C.TrainConfig(run_dir=str(run_dir), rebel=C.RebelConfig(prompts_per_iteration=8, micro_batch_pairs=4),
+                         optim=C.OptimConfig(iterations=2, lr=1e-3),
+                         logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
+                         checkpoint=C.CheckpointConfig(every=1, keep=2, export_hf=True))
+    return dataclasses.replace(base, **sections)
+
+
+def test_apply_eos_penalty_replaces_the_score():
+    raw = torch.tensor([0.5, -0.2, 0.9])
+    out = rollout.apply_eos_penalty(raw, torch.tensor([True, False, False]), -1.0)
+    assert out.tolist() == [0.5, -1.0, -1.0]
+
+
+def test_batch_rows_keep_pairs_together():
+    batch = rollout.Batch(input_ids=torch.zeros(8, 3), attention_mask=torch.zeros(8, 3), labels=torch.zeros(8, 2),
+                          finished=torch.ones(8, dtype=torch.bool), sampler_logprobs=torch.zeros(8, 2),
+                          sampled=torch.ones(8, dtype=torch.bool), prompts=[""] * 8, responses=[""] * 8)
+    assert batch.rows(torch.tensor([2, 0])).tolist() == [2, 0, 6, 4]
+
+
+def _iteration_inputs(tmp_path):
+    cfg = small_cfg(tmp_path, optim=C.OptimConfig(iterations=1, lr=1e-2))
+    from engine import data, parallel, rewards
+    from engine.metrics import PhaseTimer
+
+    d = parallel.init_distributed()
+    policy, reference, tok = load_models(cfg, d.device)
+    lp, ref_lp = rollout.PolicyLogprobs(policy), rollout.PolicyLogprobs(reference)
+    prompt_set = data.prepare(data.load_rows(cfg.data), tok, cfg.data)
+    order = data.PromptOrder(len(prompt_set.prompts), 0)
+    sampler = Sampler(policy, eos_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    reward_fn = rewards.build_reward(cfg.reward, default="builtin:counting", device=d.device)
+    gen = torch.Generator().manual_seed(0)
+    batch, stats = collect(cfg, d, sampler, prompt_set, order, tok, reward_fn, lp, ref_lp, gen, PhaseTimer())
+    return cfg, d, policy, lp, batch, stats
+
+
+def _plain_logprobs(lm, batch, temperature):
+    """Materialized logits, plain log_softmax: the recomputation the fused path must match."""
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits.float()
+    n = batch.labels.shape[1]
+    logits = logits[:, -n - 1 : -1] / temperature
+    lsm = torch.log_softmax(logits, -1)
+    valid = batch.labels != rollout.IGNORE
+    return torch.where(valid, lsm.gather(-1, batch.labels.clamp_min(0)[..., None])[..., 0], 0.0)
+
+
+def test_one_iteration_matches_plain_pytorch(tmp_path):
+    cfg, d, policy, lp, batch, stats = _iteration_inputs(tmp_path)
+    T = cfg.generation.temperature
+    plain = _plain_logprobs(policy, batch, T).detach()
+    torch.testing.assert_close(batch.old_logprobs, plain, rtol=1e-5, atol=1e-5)
+    # the sampler's log-probabilities are those of the training forward (same temperature)
+    valid = batch.labels != rollout.IGNORE
+    torch.testing.assert_close(batch.sampler_logprobs[valid], plain[valid], rtol=1e-4, atol=1e-4)
+    # reference == initial policy: KL 0, rewards = penalized scores
+    torch.testing.assert_close(batch.rewards, batch.scores)
+    assert stats["kl/mean"] == 0.0
+    # one AdamW step on the whole batch equals the plain-PyTorch loss's step
+    twin = copy.deepcopy(policy)
+    opt, sched = make_optimizer(dataclasses.replace(cfg, rebel=dataclasses.replace(cfg.rebel, num_epochs=1)),
+                                [p for p in lp.parameters()], 1)
+    one_epoch = dataclasses.replace(cfg, rebel=dataclasses.replace(cfg.rebel, num_epochs=1))
+    out = update(one_epoch, d, lp, batch, opt, sched, torch.Generator().manual_seed(0), {"skipped_batches": 0})
+    ref_opt = torch.optim.AdamW(twin.parameters(), lr=cfg.optim.lr, eps=cfg.optim.adam_eps, weight_decay=0.0)
+    loss = reference_rebel_loss_from_logprobs(_plain_logprobs(twin, batch, T), batch.labels, batch.old_logprobs,
+                                              batch.rewards, eta=cfg.rebel.eta)
+    loss.backward()
+    ref_opt.step()
+    assert out["loss/first"] == pytest.approx(loss.item(), rel=1e-5)
+    # the first minibatch's ratio is exactly 0: its loss is mean((r_i - r_{B+i})^2)
+    b = batch.pairs
+    assert out["loss/first"] == pytest.approx(((batch.rewards[:b] - batch.rewards[b:]) ** 2).mean().item(), rel=1e-6)
+    for (name, p), q in zip(policy.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_micro_batching_does_not_change_the_update(tmp_path):
+    """Gradient accumulation over micro-batches of whole pairs equals one big batch."""
+    cfg, d, policy, lp, batch, _ = _iteration_inputs(tmp_path)
+    results = []
+    for micro in (1, 4):
+        lp_i = copy.deepcopy(lp)
+        c = dataclasses.replace(cfg, rebel=dataclasses.replace(cfg.rebel, micro_batch_pairs=micro, num_epochs=1))
+        opt, sched = make_optimizer(c, list(lp_i.parameters()), 1)
+        update(c, d, lp_i, batch, opt, sched, torch.Generator().manual_seed(0), {"skipped_batches": 0})
+        results.append([p.detach().clone() for p in lp_i.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_loads_saved_models_jsonl_prompts_and_function_reward(tmp_path):
+    tok = char_tokenizer()
+    tiny_llama(tok, seed=3).save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        for row in counting_prompts(50) + [{"prompt": ""}, {"other": "x"}]:  # two invalid rows, skipped
+            f.write(json.dumps(row) + "\n")
+    cfg = small_cfg(tmp_path / "run", model=C.ModelConfig(policy=str(tmp_path / "policy")),
+                    data=C.DataConfig(prompts=str(tmp_path / "prompts.jsonl")),
+                    reward=C.RewardConfig(function="engine.tasks:counting_reward"))
+    stats = train(cfg)
+    assert set(stats) >= {"reward/mean", "kl/mean", "loss/first", "loss/last", "eos_rate"}
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert exported.config.vocab_size == len(tok)
+
+
+def _run_cli(run_dir, extra=(), nproc=None, wait=True):
+    args = ["--run_dir", str(run_dir), "--optim.iterations", "6", "--rebel.prompts_per_iteration", "8",
+            "--checkpoint.every", "2", "--logging.progress", "false", "--logging.tensorboard", "false",
+            *extra]
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "engine/train.py", *args]
+    else:
+        cmd = [sys.executable, "engine/train.py", *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+    return proc
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    _run_cli(tmp_path / "straight")
+    proc = _run_cli(tmp_path / "killed", wait=False)
+    ckpt = tmp_path / "killed" / "checkpoints" / "step_00000003"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ckpt.exists(), "no checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _run_cli(tmp_path / "killed")  # same command: resumes from the last checkpoint
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "killed")
+    assert [r["iteration"] for r in b] == list(range(6))
+    for key in ("reward/mean", "kl/mean", "loss/first", "loss/last", "eos_rate"):
+        assert b[-1][key] == pytest.approx(a[-1][key], rel=1e-5, abs=1e-7), key
+
+
+def test_torchrun_two_processes_fsdp2(tmp_path):
+    """The same command on 2 processes (FSDP2 over gloo) runs, checkpoints and exports."""
+    _run_cli(tmp_path / "ddp", nproc=2)
+    rows = _metrics(tmp_path / "ddp")
+    assert [r["iteration"] for r in rows] == list(range(6))
+    assert (tmp_path / "ddp" / "final" / "model.safetensors").exists()
