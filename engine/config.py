@@ -49,7 +49,7 @@ class RewardConfig:
 class RebelConfig:
     eta: float = 1.0
     kl_coef: float = 0.05
-    prompts_per_iteration: int = 32
+    prompts_per_iteration: int = 64
     num_epochs: int = 4  # passes over each iteration's batch
     minibatches: int = 1  # optimizer steps per epoch (the paper: 1, i.e. accumulate the whole batch)
     micro_batch_pairs: int = 16  # pairs per forward/backward; gradients accumulate across micro-batches
@@ -57,8 +57,8 @@ class RebelConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class OptimConfig:
-    iterations: int = 40
-    lr: float = 3e-4
+    iterations: int = 200
+    lr: float = 1e-3
     weight_decay: float = 0.0
     adam_eps: float = 1e-5
     warmup_iterations: int = 0
@@ -67,7 +67,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class CheckpointConfig:
-    every: int = 10  # iterations between checkpoints (0: only at the end and on SIGTERM)
+    every: int = 25  # iterations between checkpoints (0: only at the end and on SIGTERM)
     keep: int = 2
     export_hf: bool = True  # save_pretrained of the final policy
 
