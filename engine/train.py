@@ -112,15 +112,29 @@ def collect(cfg, d, sampler, prompt_set, order, tokenizer, reward_fn, policy_lp,
     batch.rewards, kl = rollout.shape_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs, cfg.rebel.kl_coef)
     valid = batch.labels != rollout.IGNORE
     gap = (batch.sampler_logprobs - batch.old_logprobs).abs()[valid]
+    reward_mean, reward_std = _global_mean_std(batch.rewards, d)
     stats = {
-        "reward/mean": batch.rewards.mean().item(), "reward/std": batch.rewards.std().item(),
-        "score/mean": batch.scores.mean().item(), "kl/mean": kl.mean().item(),
-        "eos_rate": batch.finished.float().mean().item(), "truncation_rate": 1 - batch.finished.float().mean().item(),
-        "response_length/mean": valid.sum(-1).float().mean().item(),
-        "generation/tokens_per_s": valid.sum().item() / max(gen_s, 1e-9),
-        "logprob_gap/mean_abs": gap.mean().item() if gap.numel() else 0.0,
+        "reward/mean": reward_mean, "reward/std": reward_std,
+        "score/mean": _global_mean_std(batch.scores, d)[0], "kl/mean": _global_mean_std(kl, d)[0],
+        "eos_rate": _global_mean_std(batch.finished.float(), d)[0],
+        "response_length/mean": _global_mean_std(valid.sum(-1).float(), d)[0],
+        "generation/tokens_per_s": parallel.all_reduce(
+            torch.tensor(valid.sum().item() / max(gen_s, 1e-9), device=d.device), d).item(),
+        "logprob_gap/mean_abs": _global_mean_std(gap, d)[0],
     }
+    stats["truncation_rate"] = 1 - stats["eos_rate"]
     return batch, stats
+
+
+def _global_mean_std(x: torch.Tensor, d) -> tuple[float, float]:
+    """Mean and standard deviation of x over all ranks' elements."""
+    x = x.detach().double().reshape(-1)
+    sums = parallel.all_reduce(torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), dtype=x.dtype,
+                                                                                 device=x.device)]), d)
+    n = max(sums[2].item(), 1.0)
+    mean = sums[0].item() / n
+    var = max(sums[1].item() / n - mean * mean, 0.0) * n / max(n - 1, 1.0)
+    return mean, var**0.5
 
 
 def update(cfg, d, policy_lp, batch, opt, sched, train_gen, counters) -> dict:
