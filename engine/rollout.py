@@ -70,6 +70,24 @@ def from_rollout(ro: Rollout, prompts: list[str], tokenizer) -> Batch:
                  responses=responses)
 
 
+def with_offline_partners(ro: Rollout, partners: list[str], tokenizer, eos_ids: list[int]) -> Rollout:
+    """Hybrid REBEL: rows B..2B-1 become the dataset's responses y' (tokenized, EOS appended, cut to
+    the sampled responses' width); their sampler log-probabilities are 0 (they were not sampled)."""
+    b, width = ro.response_ids.shape
+    ids = torch.full((b, width), tokenizer.pad_token_id, dtype=torch.long, device=ro.response_ids.device)
+    mask = torch.zeros((b, width), dtype=torch.bool, device=ids.device)
+    finished = torch.zeros(b, dtype=torch.bool, device=ids.device)
+    for i, text in enumerate(partners):
+        toks = (tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_ids[0]])[:width]
+        ids[i, : len(toks)] = torch.tensor(toks, device=ids.device)
+        mask[i, : len(toks)] = True
+        finished[i] = toks[-1] in eos_ids
+    return Rollout(prompt_ids=ro.prompt_ids.repeat(2, 1), prompt_mask=ro.prompt_mask.repeat(2, 1),
+                   response_ids=torch.cat([ro.response_ids, ids]), response_mask=torch.cat([ro.response_mask, mask]),
+                   logprobs=torch.cat([ro.logprobs, torch.zeros_like(ro.logprobs)]),
+                   finished=torch.cat([ro.finished, finished]))
+
+
 def apply_eos_penalty(raw: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:
     """A response that never emitted EOS gets `penalty` instead of its score (replace, not subtract)."""
     return torch.where(finished, raw, torch.full_like(raw, penalty))

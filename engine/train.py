@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -96,12 +97,19 @@ def collect(cfg, d, sampler, prompt_set, order, tokenizer, reward_fn, policy_lp,
     """Generate, score and compute log pi_t / log pi_ref for this rank's share of the prompts."""
     chosen = order.take(cfg.rebel.prompts_per_iteration)[d.rank :: d.world]
     ids, mask = data.left_pad([prompt_set.prompt_ids[i] for i in chosen], tokenizer.pad_token_id, d.device)
+    hybrid = prompt_set.partners is not None  # y' from the dataset: sample one response per prompt
+    gen_cfg = dataclasses.replace(cfg.generation, samples_per_prompt=1) if hybrid else cfg.generation
     with timer("generate"):
         t0 = time.perf_counter()
-        ro = sampler.generate(ids, mask, cfg.generation, generator=gen)
+        ro = sampler.generate(ids, mask, gen_cfg, generator=gen)
         gen_s = time.perf_counter() - t0
+    if hybrid:
+        partners = [prompt_set.partners[i] for i in chosen]
+        ro = rollout.with_offline_partners(ro, partners, tokenizer, sampler.eos_ids.tolist())
     texts = [prompt_set.prompts[i] for i in chosen] * 2
     batch = rollout.from_rollout(ro, texts, tokenizer)
+    if hybrid:
+        batch.sampled[batch.pairs:] = False
     with timer("score"):
         raw = rewards.score(reward_fn, batch.prompts, batch.responses, d.device)
         batch.scores = rollout.apply_eos_penalty(raw, batch.finished, cfg.reward.missing_eos_penalty)
@@ -111,7 +119,7 @@ def collect(cfg, d, sampler, prompt_set, order, tokenizer, reward_fn, policy_lp,
         batch.ref_logprobs = rollout.sequence_logprobs(reference_lp, batch, **kw)
     batch.rewards, kl = rollout.shape_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs, cfg.rebel.kl_coef)
     valid = batch.labels != rollout.IGNORE
-    gap = (batch.sampler_logprobs - batch.old_logprobs).abs()[valid]
+    gap = (batch.sampler_logprobs - batch.old_logprobs).abs()[valid & batch.sampled[:, None]]
     reward_mean, reward_std = _global_mean_std(batch.rewards, d)
     stats = {
         "reward/mean": reward_mean, "reward/std": reward_std,

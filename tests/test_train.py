@@ -180,3 +180,46 @@ def test_torchrun_two_processes_fsdp2(tmp_path):
     rows = _metrics(tmp_path / "ddp")
     assert [r["iteration"] for r in rows] == list(range(6))
     assert (tmp_path / "ddp" / "final" / "model.safetensors").exists()
+
+
+def test_hybrid_mode_reads_partners_from_the_dataset(tmp_path):
+    """Hybrid REBEL: y is sampled, y' is the dataset's response (tokenized, EOS appended)."""
+    from engine import data, parallel, rewards
+    from engine.metrics import PhaseTimer
+
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for row in counting_prompts(20):
+            last = int(row["prompt"][-1])
+            f.write(json.dumps({**row, "good": "".join(str((last + k + 1) % 10) for k in range(4))}) + "\n")
+    cfg = small_cfg(tmp_path / "run", data=C.DataConfig(prompts=str(tmp_path / "pairs.jsonl"), partner_column="good"),
+                    reward=C.RewardConfig(function="builtin:counting"))
+    d = parallel.init_distributed()
+    policy, reference, tok = load_models(cfg, d.device)
+    prompt_set = data.prepare(data.load_rows(cfg.data), tok, cfg.data)
+    sampler = Sampler(policy, eos_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    batch, stats = collect(cfg, d, sampler, prompt_set, data.PromptOrder(20, 0), tok,
+                           rewards.build_reward(cfg.reward, default=None, device=d.device),
+                           rollout.PolicyLogprobs(policy), rollout.PolicyLogprobs(reference),
+                           torch.Generator().manual_seed(0), PhaseTimer())
+    b = batch.pairs
+    assert b == 8 and batch.sampled[:b].all() and not batch.sampled[b:].any()
+    assert all(len(r) == 4 for r in batch.responses[b:])  # the dataset's answers
+    assert (batch.scores[b:] == 1.0).all()  # a perfect count, EOS included
+    train(cfg)  # and the loop runs in hybrid mode
+
+
+def test_sigterm_writes_a_checkpoint_and_exits(tmp_path):
+    run = tmp_path / "term"
+    proc = _run_cli(run, extra=["--optim.iterations", "500", "--checkpoint.every", "0"], wait=False)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    last = _metrics(run)[-1]["iteration"]
+    assert (run / "checkpoints" / f"step_{last:08d}").exists()
+    assert last < 499 and not (run / "final").exists()
