@@ -101,10 +101,14 @@ def shard(wrapper: nn.Module, lm: nn.Module, d: Dist, *, compute_dtype: torch.dt
 def refresh_inference_copy(inference: nn.Module, trained: nn.Module) -> None:
     """Copy the (gathered) trained weights into the unsharded generation model. Parameter names match
     after stripping the wrapper's 'lm.' prefix and activation-checkpoint wrappers."""
-    if inference is trained:
-        return
-    target = dict(inference.named_parameters())
+    if inference is trained or inference is getattr(trained, "lm", None):
+        return  # one unsharded process generates with the trained module itself
+
+    def plain(name: str) -> str:
+        return name.removeprefix("lm.").replace("_checkpoint_wrapped_module.", "")
+
+    target = {plain(n): p for n, p in inference.named_parameters()}
     for name, param in trained.named_parameters():
-        key = name.removeprefix("lm.").replace("_checkpoint_wrapped_module.", "")
+        key = plain(name)
         full = param.full_tensor() if hasattr(param, "full_tensor") else param
         target[key].copy_(full.to(target[key].dtype))

@@ -27,8 +27,8 @@ class PolicyLogprobs(nn.Module):
         n = labels.shape[1]
         start = input_ids.shape[1] - n  # first response position; hidden at start - 1 predicts it
         positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=positions).last_hidden_state
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                    use_cache=False).last_hidden_state
         head = self.lm.get_output_embeddings()
         return fused_token_logprobs(hidden[:, start - 1 : start - 1 + n], head.weight, labels, bias=head.bias,
                                     temperature=temperature)

@@ -210,7 +210,9 @@ def train(cfg: config_mod.TrainConfig) -> dict:
 
     policy, reference, tokenizer = load_models(cfg, d.device)
     compute_dtype = getattr(torch, cfg.model.dtype)
-    inference = copy.deepcopy(policy).to(compute_dtype) if d.sharded or compute_dtype != torch.float32 else policy
+    # generation runs on a plain, unsharded, unwrapped model; one unsharded float32 process shares the policy
+    separate = d.sharded or compute_dtype != torch.float32 or cfg.model.activation_checkpointing
+    inference = copy.deepcopy(policy).to(compute_dtype) if separate else policy
     parallel.train_only_top_layers(policy, cfg.model.train_top_layers)
     policy_lp, reference_lp = rollout.PolicyLogprobs(policy), rollout.PolicyLogprobs(reference)
     parallel.shard(policy_lp, policy, d, compute_dtype=compute_dtype, checkpointing=cfg.model.activation_checkpointing)

@@ -3,6 +3,7 @@ plain-PyTorch recomputation, pairs kept together, the EOS penalty, resume after 
 import copy
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -223,3 +224,51 @@ def test_sigterm_writes_a_checkpoint_and_exits(tmp_path):
     last = _metrics(run)[-1]["iteration"]
     assert (run / "checkpoints" / f"step_{last:08d}").exists()
     assert last < 499 and not (run / "final").exists()
+
+
+def nan_reward(prompts, responses):
+    return [float("nan")] * len(prompts)
+
+
+def test_non_finite_reward_skips_the_update(tmp_path):
+    cfg = small_cfg(tmp_path / "nan", reward=C.RewardConfig(function="test_train:nan_reward"),
+                    checkpoint=C.CheckpointConfig(every=0, export_hf=False))
+    stats = train(cfg)
+    assert stats["skipped_batches"] == 2 and "loss/first" not in stats
+
+
+def test_reward_model_rescores_with_its_own_tokenizer(tmp_path):
+    """A sequence-classification reward model saved locally, with a different tokenizer than the policy's."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from engine.rewards import RewardModel
+
+    tok = char_tokenizer()
+    tok.save_pretrained(tmp_path / "rm")
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=4, num_labels=1,
+                                                    pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(tmp_path / "rm")
+    scorer = RewardModel(str(tmp_path / "rm"), device="cpu", batch_size=2)
+    scores = scorer(["12", "345", "9"], ["34", "6", "0123"])
+    singles = torch.cat([scorer([p], [r]) for p, r in zip(["12", "345", "9"], ["34", "6", "0123"])])
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+    torch.testing.assert_close(scores, singles, rtol=1e-5, atol=1e-5)  # padding does not change a score
+    cfg = small_cfg(tmp_path / "run", reward=C.RewardConfig(model=str(tmp_path / "rm")),
+                    optim=C.OptimConfig(iterations=1))
+    assert math.isfinite(train(cfg)["reward/mean"])
+
+
+def test_top_layers_only_and_activation_checkpointing(tmp_path):
+    from engine import parallel
+
+    policy = tiny_llama(char_tokenizer())
+    parallel.train_only_top_layers(policy, 1)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in policy.named_parameters()
+                         if n.startswith(("model.layers.1.", "model.norm", "lm_head"))}
+    cfg = small_cfg(tmp_path / "ac", model=C.ModelConfig(train_top_layers=1, activation_checkpointing=True),
+                    optim=C.OptimConfig(iterations=1))
+    stats = train(cfg)
+    assert math.isfinite(stats["loss/last"])
