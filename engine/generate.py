@@ -37,6 +37,7 @@ class SamplingConfig:
     top_p: float = 1.0
     samples_per_prompt: int = 2
     check_every: int = 8
+    compact_finished: bool = True  # move live rows into a smaller batch bucket once half have finished
     kv_budget_bytes: int = 8 * 2**30  # the static cache of one call never exceeds this
 
     def __post_init__(self):
@@ -104,8 +105,7 @@ class Sampler:
         self.model = model.eval()
         self.eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
         self.pad_token_id = int(pad_token_id)
-        self._cache: StaticCache | None = None
-        self._cache_key = None
+        self._caches: dict[tuple[int, int], StaticCache] = {}  # (rows, length) -> static cache, reused
         self._decode = _decode_step
         device = next(model.parameters()).device
         if use_cuda_graphs and device.type == "cuda":
@@ -140,19 +140,29 @@ class Sampler:
         chunks = math.ceil(prompts / fit)  # equal chunks, so the cache shape is reused
         return math.ceil(prompts / chunks)
 
-    def _static_cache(self, rows: int, length: int, prefill_cache) -> StaticCache:
+    def _static_cache(self, rows: int, length: int, like) -> StaticCache:
+        """The preallocated cache for this shape; head counts, dims and dtype taken from cache `like`."""
         key = (rows, length)
-        if self._cache is None or self._cache_key != key:
-            self._cache = StaticCache(config=self.model.config, max_cache_len=length)
-            k0 = prefill_cache.layers[0].keys
-            self._cache.early_initialization(
+        if key not in self._caches:
+            cache = StaticCache(config=self.model.config, max_cache_len=length)
+            k0 = like.layers[0].keys
+            cache.early_initialization(
                 batch_size=rows,
-                num_heads=[layer.keys.shape[1] for layer in prefill_cache.layers],
-                head_dim=[layer.keys.shape[-1] for layer in prefill_cache.layers],
+                num_heads=[layer.keys.shape[1] for layer in like.layers],
+                head_dim=[layer.keys.shape[-1] for layer in like.layers],
                 dtype=k0.dtype, device=k0.device,
             )
-            self._cache_key = key
-        return self._cache
+            self._caches[key] = cache
+        return self._caches[key]
+
+    def _compacted(self, cache: StaticCache, slots: torch.Tensor) -> StaticCache:
+        """A smaller bucket's cache holding the KV rows `slots` of `cache` (same positions)."""
+        small = self._static_cache(slots.numel(), cache.layers[0].max_cache_len, cache)
+        for dst, src in zip(small.layers, cache.layers):
+            dst.keys.copy_(src.keys.index_select(0, slots))
+            dst.values.copy_(src.values.index_select(0, slots))
+            dst.cumulative_length.copy_(src.cumulative_length)
+        return small
 
     def _generate_chunk(self, input_ids, attention_mask, config: SamplingConfig, generator) -> Rollout:
         device = input_ids.device
@@ -183,18 +193,30 @@ class Sampler:
         done = torch.zeros(rows, dtype=torch.bool, device=device)
 
         state = state.repeat(samples, 1)
+        slot_rows = torch.arange(rows, device=device)  # the output row each decoding slot writes
         for t in range(steps):
             if t > 0:
                 state = self._decode(self.model, tok, next_pos, full_mask, cache, self._hidden_path(config, t))
                 next_pos = next_pos + 1
             tok, lp = self._sample(state, config, t, eos, generator)
             tok = torch.where(done, self.pad_token_id, tok)
-            tokens[:, t] = tok
-            logprobs[:, t] = torch.where(done, 0.0, lp)
-            alive_mask[:, t] = ~done
+            tokens[slot_rows, t] = tok
+            logprobs[slot_rows, t] = torch.where(done, 0.0, lp)
+            alive_mask[slot_rows, t] = ~done
             done = done | torch.isin(tok, eos)
-            if (t + 1) % config.check_every == 0 and bool(done.all()):
+            if (t + 1) % config.check_every:
+                continue
+            alive = int((~done).sum())  # the one host synchronization, every check_every steps
+            if alive == 0:
                 break
+            bucket = 1 << (alive - 1).bit_length()  # power-of-two batch buckets
+            if config.compact_finished and bucket <= done.numel() // 2:
+                # Move the live rows (topped up with finished ones, whose writes are no-ops) into a
+                # smaller cache, so the remaining steps cost what the live rows need.
+                slots = torch.cat([(~done).nonzero().squeeze(1), done.nonzero().squeeze(1)])[:bucket]
+                cache = self._compacted(cache, slots)
+                tok, next_pos, done = tok[slots], next_pos[slots], done[slots]
+                full_mask, slot_rows = full_mask[slots], slot_rows[slots]
         return Rollout(prompt_ids=input_ids.repeat(samples, 1), prompt_mask=attention_mask.repeat(samples, 1),
                        response_ids=tokens, response_mask=alive_mask, logprobs=logprobs, finished=done)
 

@@ -125,3 +125,26 @@ def test_sampler_logprobs_equal_training_logprobs(family, temperature):
     valid = ro.response_mask
     torch.testing.assert_close(ro.logprobs[valid], train_lp[valid], rtol=1e-4, atol=1e-4)
     assert (ro.logprobs[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_compacting_finished_rows_changes_nothing(family):
+    """Greedy decoding with live rows moved into smaller buckets equals decoding without it."""
+    model = tiny_model(family)
+    ids, mask = left_pad(PROMPTS)
+    probe = Sampler(model, eos_ids=[96], pad_token_id=PAD).generate(
+        ids, mask, SamplingConfig(max_new_tokens=12, temperature=0, samples_per_prompt=1))
+    # EOS ids that end three of the four prompts early, at different steps
+    eos = [probe.response_ids[0, 1].item(), probe.response_ids[1, 2].item(), probe.response_ids[2, 3].item()]
+    outs, samplers = [], []
+    for compact in (False, True):
+        cfg = SamplingConfig(max_new_tokens=12, temperature=0, samples_per_prompt=2, check_every=2,
+                             compact_finished=compact)
+        samplers.append(Sampler(model, eos_ids=eos, pad_token_id=PAD))
+        outs.append(samplers[-1].generate(ids, mask, cfg))
+    plain, compact = outs
+    assert [rows for rows, _ in samplers[0]._caches] == [8]
+    assert min(rows for rows, _ in samplers[1]._caches) < 8, "no compaction happened"
+    assert torch.equal(plain.response_ids, compact.response_ids)
+    assert torch.equal(plain.response_mask, compact.response_mask)
+    torch.testing.assert_close(plain.logprobs, compact.logprobs, rtol=1e-5, atol=1e-6)
