@@ -218,7 +218,8 @@ class Sampler:
                 tok, next_pos, done = tok[slots], next_pos[slots], done[slots]
                 full_mask, slot_rows = full_mask[slots], slot_rows[slots]
         return Rollout(prompt_ids=input_ids.repeat(samples, 1), prompt_mask=attention_mask.repeat(samples, 1),
-                       response_ids=tokens, response_mask=alive_mask, logprobs=logprobs, finished=done)
+                       response_ids=tokens, response_mask=alive_mask, logprobs=logprobs,
+                       finished=(torch.isin(tokens, eos) & alive_mask).any(-1))
 
     def _hidden_path(self, config: SamplingConfig, t: int) -> bool:
         """Sample from the last hidden state (Gumbel-max kernel) rather than from logits?"""

@@ -148,3 +148,16 @@ def test_compacting_finished_rows_changes_nothing(family):
     assert torch.equal(plain.response_ids, compact.response_ids)
     assert torch.equal(plain.response_mask, compact.response_mask)
     torch.testing.assert_close(plain.logprobs, compact.logprobs, rtol=1e-5, atol=1e-6)
+
+
+def test_finished_flags_survive_compaction():
+    model = tiny_model("llama")
+    ids, mask = left_pad(PROMPTS)
+    probe = Sampler(model, eos_ids=[96], pad_token_id=PAD).generate(
+        ids, mask, SamplingConfig(max_new_tokens=8, temperature=0, samples_per_prompt=1))
+    eos = [probe.response_ids[0, 0].item()]
+    ro = Sampler(model, eos_ids=eos, pad_token_id=PAD).generate(
+        ids, mask, SamplingConfig(max_new_tokens=8, temperature=0, samples_per_prompt=2, check_every=1))
+    assert ro.finished.shape == (8,)
+    expected = (torch.isin(ro.response_ids, torch.tensor(eos)) & ro.response_mask).any(-1)
+    assert torch.equal(ro.finished, expected) and ro.finished[0] and ro.finished[4]
