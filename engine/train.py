@@ -162,8 +162,9 @@ def update(cfg, d, policy_lp, batch, opt, sched, train_gen, counters) -> dict:
                                  cfg.generation.temperature)
                 loss = rebel_loss_from_logprobs(logp, batch.labels[rows], batch.old_logprobs[rows],
                                                 batch.rewards[rows], eta=cfg.rebel.eta, reduction="sum")
-                # mean over the minibatch's pairs on all ranks (FSDP2 averages gradients over ranks)
-                (loss * d.world / (len(mb) * d.world)).backward()
+                # Each rank divides by its own pair count; FSDP2 then averages gradients over ranks,
+                # which makes the sum over all ranks' pairs divided by the global pair count.
+                (loss / len(mb)).backward()
                 bad += (~torch.isfinite(loss)).float()
                 total += loss.detach()
             bad = parallel.all_reduce(bad, d)
