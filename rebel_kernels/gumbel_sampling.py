@@ -19,7 +19,7 @@ uniforms), the Triton kernels and their launcher, a chunked PyTorch path, and th
 Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1):
   1. `_gumbel_partial_kernel`, grid (vocab splits, row blocks): for its rows and its fixed slice of
      SPLIT_V vocabulary columns, tile by tile (BLOCK_N columns, the on-chip matmul tiled over H by
-     BLOCK_K as in `triton_kernels._logits_tile`): the running max of z + G and its column, z at
+     BLOCK_K as in `triton_kernels._scaled_logits_tile`): the running max of z + G and its column, z at
      that column, and the online log-sum-exp (m, s = sum exp(z - m)) of z.
   2. `_gumbel_combine_kernel`, one program per BLOCK rows: merges the splits in increasing order.
   The noise of (r, v) is U = tl.rand(seed, r * V + v) (Philox 4x32-10, int64 counter), so it does
@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from . import _alloc, _backend, _validate, torch_impl
-from .triton_kernels import TileConfig, _dot_precision, _logits_tile, _upcast_dot, interpreting
+from .triton_kernels import TileConfig, _dot_precision, _scaled_logits_tile, _upcast_dot, interpreting
 
 __all__ = ["sample_from_hidden", "reference_gumbel_sample", "kernel_uniforms", "draw_seed"]
 
@@ -129,11 +129,9 @@ def _gumbel_partial_kernel(
     for v0 in range(v_begin, v_end, BLOCK_N):
         cols = v0 + tl.arange(0, BLOCK_N)
         cmask = cols < v_end
-        acc = _logits_tile(h_ptr, src, rmask, w_ptr, w_ptr, v0, cols, cmask, H, stride_h, stride_w,
-                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, False)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        z = tl.where(cmask[None, :], acc * inv_temp, float("-inf"))  # [BLOCK_M, BLOCK_N]
+        z = _scaled_logits_tile(h_ptr, src, rmask, w_ptr, w_ptr, b_ptr, v0, cols, cmask, H, stride_h, stride_w,
+                                inv_temp, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST,
+                                False)  # [BLOCK_M, BLOCK_N]
         if ADD_NOISE:
             score = z + _gumbel_noise(seed, rows, cols, V)
         else:

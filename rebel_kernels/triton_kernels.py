@@ -141,6 +141,19 @@ def _logits_tile(h_ptr, src, rmask, w_ptr, w_desc, v0, cols, cmask, H, stride_h,
 
 
 @triton.jit
+def _scaled_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask, H, stride_h, stride_w, inv_temp,
+                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                        USE_TMA: tl.constexpr):
+    """z = (h W^T + b) / T for one tile, float32, -inf outside the columns in `cmask`.  -> [BLOCK_M, BLOCK_N]"""
+    acc = _logits_tile(h_ptr, src, rmask, w_ptr, w_desc, v0, cols, cmask, H, stride_h, stride_w,
+                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(cmask[None, :], acc * inv_temp, float("-inf"))
+
+
+@triton.jit
 def _fwd_partial_kernel(
     h_ptr, idx_ptr, w_ptr, b_ptr, y_ptr,          # hidden [*, H], idx [N], weight [V, H], bias [V], labels [*]
     m_ptr, s_ptr, t_ptr, sz_ptr,                  # partials [num_splits, N] float32
@@ -168,11 +181,8 @@ def _fwd_partial_kernel(
     for v0 in range(v_begin, v_end, BLOCK_N):
         cols = v0 + tl.arange(0, BLOCK_N)
         cmask = cols < v_end
-        acc = _logits_tile(h_ptr, src, rmask, w_ptr, w_desc, v0, cols, cmask, H, stride_h, stride_w,
-                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        z = tl.where(cmask[None, :], acc * inv_temp, float("-inf"))
+        z = _scaled_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask, H, stride_h, stride_w,
+                                inv_temp, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
         t += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
@@ -293,11 +303,9 @@ def _bwd_kernel(
 
     w_desc = _weight_desc(w_ptr, V, H, stride_w, BLOCK_N, BLOCK_K, USE_TMA)
     v0 = pid_v * BLOCK_N
-    acc = _logits_tile(h_ptr, src, rmask, w_ptr, w_desc, v0, cols, cmask, H, stride_h, stride_w,
-                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    p = tl.exp(acc * inv_temp - lse[:, None])
+    z = _scaled_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask, H, stride_h, stride_w,
+                            inv_temp, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
+    p = tl.exp(z - lse[:, None])  # 0 outside the vocabulary
     onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
     dz = (onehot - p) * (g * inv_temp)[:, None]
     dz = tl.where(rmask[:, None] & cmask[None, :], dz, 0.0)
