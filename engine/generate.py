@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from transformers import StaticCache
 
+_CACHE_LENGTH_STEP = 64  # cache lengths are rounded up to this, so varying prompt lengths reuse one cache
+
 # Families whose logits are exactly hidden @ lm_head.weight.T (+ bias): no soft-capping or scaling.
 _PLAIN_HEAD_MODEL_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gpt_neox", "gpt2", "phi3", "olmo2"}
 
@@ -144,6 +146,8 @@ class Sampler:
         """The preallocated cache for this shape; head counts, dims and dtype taken from cache `like`."""
         key = (rows, length)
         if key not in self._caches:
+            for stale in [k for k in self._caches if k[1] != length]:  # keep one length's buckets only
+                del self._caches[stale]
             cache = StaticCache(config=self.model.config, max_cache_len=length)
             k0 = like.layers[0].keys
             cache.early_initialization(
@@ -175,7 +179,8 @@ class Sampler:
         # Prefill once per prompt, then copy its KV rows for every sample (row s * B + i).
         state, prefill_cache = _forward(self.model, self._hidden_path(config, 0), input_ids=input_ids,
                                         attention_mask=mask, position_ids=positions, use_cache=True)
-        cache = self._static_cache(rows, plen + steps, prefill_cache)
+        length = -(-(plen + steps) // _CACHE_LENGTH_STEP) * _CACHE_LENGTH_STEP  # bucketed: reused across calls
+        cache = self._static_cache(rows, length, prefill_cache)
         for dst, src in zip(cache.layers, prefill_cache.layers):
             dst.keys.zero_()
             dst.values.zero_()
@@ -183,7 +188,7 @@ class Sampler:
             dst.values[:, :, :plen].copy_(src.values.repeat(samples, 1, 1, 1))
             dst.cumulative_length.fill_(plen)
 
-        full_mask = torch.ones(rows, plen + steps, dtype=torch.long, device=device)
+        full_mask = torch.ones(rows, length, dtype=torch.long, device=device)  # causality hides the future
         full_mask[:, :plen] = mask.repeat(samples, 1)
         next_pos = positions[:, -1].repeat(samples) + 1  # [rows]
         eos = self.eos_ids.to(device)

@@ -161,3 +161,16 @@ def test_finished_flags_survive_compaction():
     assert ro.finished.shape == (8,)
     expected = (torch.isin(ro.response_ids, torch.tensor(eos)) & ro.response_mask).any(-1)
     assert torch.equal(ro.finished, expected) and ro.finished[0] and ro.finished[4]
+
+
+def test_static_caches_are_reused_and_bounded():
+    """Prompt lengths that vary from call to call reuse the cache of their length bucket."""
+    model = tiny_model("llama")
+    sampler = Sampler(model, eos_ids=[96], pad_token_id=PAD)
+    cfg = SamplingConfig(max_new_tokens=4, temperature=0, samples_per_prompt=2, compact_finished=False)
+    sampler.generate(*left_pad(PROMPTS), cfg)
+    first = dict(sampler._caches)
+    sampler.generate(*left_pad([p[:2] for p in PROMPTS]), cfg)  # shorter prompts, same bucket
+    assert sampler._caches == first and all(a is b for a, b in zip(first.values(), sampler._caches.values()))
+    sampler.generate(*left_pad([p * 12 for p in PROMPTS]), cfg)  # a longer bucket replaces the old one
+    assert len(sampler._caches) == 1 and list(sampler._caches)[0][1] > list(first)[0][1]

@@ -1,0 +1,43 @@
+"""Iterative DPO (paper Appendix I.1.3, Algorithm 2): pairs from pi_t, labelled by the sign of the
+reward difference, DPO regularized to pi_t (not to pi_ref), beta = 0.05.
+
+Per prompt i (pair = rows i and B + i), with rho(y) = log pi_theta(y|x) - log pi_t(y|x) and the
+KL-shaped reward r = score - kl_coef * (log pi_t - log pi_ref) (the paper lists kl coefficient 0.05):
+    s_i    = sgn(r(y) - r(y'))
+    loss_i = -|s_i| * log sigmoid( s_i * beta * (rho(y) - rho(y')) )
+Ties (s_i = 0) carry no preference: zero weight (eq. 20 would give the constant log 2, no gradient).
+The mean runs over all B prompts, ties included as zeros.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, positive, sequence_sum, shaped_rewards
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IterativeDPO(Algorithm):
+    samples_per_prompt: int = 2
+    beta: float = 0.05
+
+    def __post_init__(self):
+        check_k("IterativeDPO", self.samples_per_prompt, "== 2", self.samples_per_prompt == 2)
+        positive("beta", self.beta)
+
+    def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        b = check_inputs(logprobs, batch, 2, ("old_logprobs", "ref_logprobs", "scores"))
+        acc = acc_dtype(logprobs)
+        rho = (sequence_sum(logprobs, batch.labels, batch.ignore_index, acc)
+               - sequence_sum(batch.old_logprobs, batch.labels, batch.ignore_index, acc).detach())  # [2B]
+        rewards, kl = shaped_rewards(batch, acc)
+        sign = torch.sign(rewards[:b] - rewards[b:])  # [B] +1: y chosen, -1: y' chosen, 0: tie
+        margin = self.beta * (rho[:b] - rho[b:]) * sign
+        per_prompt = -F.logsigmoid(margin) * sign.abs()
+        loss = per_prompt.mean()
+        decided = sign != 0
+        return loss, {"loss": loss.item(), "reward/mean": rewards.mean().item(), "kl/mean": kl.mean().item(),
+                      "ties": (~decided).float().mean().item(),
+                      "accuracy": (margin[decided] > 0).float().mean().item() if decided.any() else float("nan")}

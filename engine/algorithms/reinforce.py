@@ -1,0 +1,30 @@
+"""REINFORCE with the KL penalty in the reward (Williams 1992; the paper's baseline, Appendix I.1.4).
+
+Per prompt (mean over its k samples, k = 1 by default):
+    r_s = score_s - kl_coef * (log pi_t(y_s|x) - log pi_ref(y_s|x))      (detached)
+    loss = -(1/k) sum_s r_s * log pi_theta(y_s|x)
+No baseline: its gradient is the plain score-function estimate of grad E[r].
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, sequence_sum, shaped_rewards
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Reinforce(Algorithm):
+    samples_per_prompt: int = 1
+
+    def __post_init__(self):
+        check_k("Reinforce", self.samples_per_prompt, ">= 1", self.samples_per_prompt >= 1)
+
+    def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        check_inputs(logprobs, batch, self.samples_per_prompt, ("old_logprobs", "ref_logprobs", "scores"))
+        acc = acc_dtype(logprobs)
+        seq = sequence_sum(logprobs, batch.labels, batch.ignore_index, acc)  # [kB]
+        rewards, kl = shaped_rewards(batch, acc)  # [kB]
+        loss = -(rewards * seq).mean()  # mean over samples then prompts = mean over rows
+        return loss, {"loss": loss.item(), "reward/mean": rewards.mean().item(), "kl/mean": kl.mean().item()}
