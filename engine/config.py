@@ -20,7 +20,7 @@ from engine.generate import SamplingConfig
 
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
-    policy: str = "builtin:tiny-llama"  # a Hugging Face path / hub id, or builtin:tiny-llama (random weights)
+    policy: str = "builtin:tiny-llama"  # a Hugging Face path / hub id, or builtin:NAME (random weights, engine/tasks.py)
     reference: str | None = None  # None: the policy's initial weights
     dtype: str = "float32"  # parameter dtype of the policy: float32 | bfloat16
     train_top_layers: int = 0  # > 0: train only the top k decoder layers, the final norm and the LM head
@@ -163,7 +163,21 @@ def ultrafeedback_llama3_8b() -> TrainConfig:
     )
 
 
+def pythia_1b4_random() -> TrainConfig:
+    """The paper's TL;DR iteration shape (512 prompts, 2 x 53 new tokens, 4 epochs) on a random-weight
+    Pythia-1.4B and the counting task: a GPU benchmark of one REBEL iteration that needs no hub."""
+    return TrainConfig(
+        run_dir="runs/pythia_1b4_random",
+        model=ModelConfig(policy="builtin:pythia-1.4b-random", dtype="bfloat16"),
+        generation=SamplingConfig(max_new_tokens=53, temperature=0.7, samples_per_prompt=2),
+        rebel=RebelConfig(prompts_per_iteration=512, num_epochs=4, minibatches=1, micro_batch_pairs=16),
+        optim=OptimConfig(iterations=3, lr=3e-6),
+        checkpoint=CheckpointConfig(every=0, export_hf=False),
+    )
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
+    "pythia_1b4_random": pythia_1b4_random,
     "default": default,
     "tldr_pythia_1b4": lambda: tldr_pythia("1.4b"),
     "tldr_pythia_2b8": lambda: tldr_pythia("2.8b"),

@@ -12,16 +12,21 @@ import random
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
 
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 CHARS = list("0123456789 :")
 TARGET_DIGITS = 4
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level fast tokenizer over digits, space and colon."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+def char_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer over digits, space and colon; `vocab_size` pads the vocabulary
+    with filler tokens "<fill{i}>" to match a real model's head (benchmarks with random weights)."""
+    tokens = SPECIALS + CHARS
+    if vocab_size is not None:
+        tokens += [f"<fill{i}>" for i in range(vocab_size - len(tokens))]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     core.decoder = decoders.Fuse()
@@ -40,6 +45,22 @@ def tiny_llama(tokenizer, *, seed: int = 0, dtype=torch.float32) -> LlamaForCaus
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def random_pythia_1b4(tokenizer, *, seed: int = 0) -> GPTNeoXForCausalLM:
+    """Pythia-1.4B's architecture (24 layers, 2048 wide, vocab 50304) with random weights."""
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                        num_attention_heads=16, rotary_pct=0.25, max_position_embeddings=2048,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return GPTNeoXForCausalLM(cfg)
+
+
+BUILTIN_MODELS = {  # name -> (tokenizer factory, model factory)
+    "tiny-llama": (char_tokenizer, tiny_llama),
+    "pythia-1.4b-random": (lambda: char_tokenizer(50304), random_pythia_1b4),
+}
 
 
 def counting_prompts(n: int = 2000, seed: int = 1234) -> list[dict]:

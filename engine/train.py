@@ -30,7 +30,7 @@ from engine import data, parallel, rewards, rollout
 from engine.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
 from engine.generate import Sampler, eos_token_ids
 from engine.metrics import MetricsLogger, PhaseTimer, Progress
-from engine.tasks import char_tokenizer, tiny_llama
+from engine.tasks import BUILTIN_MODELS
 from rebel_kernels import rebel_loss_from_logprobs
 
 log = logging.getLogger("rebel")
@@ -55,9 +55,13 @@ def parse_args(argv: list[str]) -> config_mod.TrainConfig:
 
 def load_models(cfg: config_mod.TrainConfig, device):
     """(policy, reference, tokenizer), through from_pretrained, or the built-in tiny model."""
-    if cfg.model.policy == "builtin:tiny-llama":
-        tokenizer = char_tokenizer()
-        policy = tiny_llama(tokenizer, seed=cfg.seed)
+    if cfg.model.policy.startswith("builtin:"):
+        name = cfg.model.policy.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"model.policy: unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
+        make_tokenizer, make_model = BUILTIN_MODELS[name]
+        tokenizer = make_tokenizer()
+        policy = make_model(tokenizer, seed=cfg.seed)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 

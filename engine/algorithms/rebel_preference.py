@@ -1,0 +1,70 @@
+"""REBEL from preferences (paper Appendix D.2: SPO with REBEL as the base learner).
+
+A preference model P(y > y' | x) replaces the reward model; l(x, y, y') = 2 P(y > y' | x) - 1 in [-1, 1]
+is skew-symmetric. For each prompt sample three responses from pi_t: y (rows 0..B-1), y' (rows B..2B-1)
+and the anchor y'' (rows 2B..3B-1), and regress
+
+    loss_i = ( (rho(y) - rho(y')) / eta - (l(x, y, y'') - l(x, y', y'')) )^2,
+    rho = log pi_theta - log pi_t,
+
+i.e. REBEL with the iteration-dependent "reward" r_t(x, y) = l(x, y, y'') (an unbiased sample of
+l(x, y, pi_t)). It goes through `rebel_loss_from_logprobs` with rewards [l(y, y''), l(y', y'')]
+(minus kl_coef * (log pi_t - log pi_ref), like every algorithm here; D.2 itself has kl_coef = 0).
+The anchor only enters through the targets: its rows of `logprobs` get zero gradient, so a loop may
+pass them detached (or skip their forward and pass zeros).
+
+Reduction to REBEL: with P(y > y' | x) = (1 + r(y) - r(y')) / 2 (a valid probability when rewards lie
+in an interval of length 1), l(y, y'') - l(y', y'') = r(y) - r(y') exactly, so this loss equals REBEL's
+on the pairs (y, y'). Bradley-Terry P = sigmoid(r(y) - r(y')) gives l = tanh((r(y) - r(y''))/2): the
+same only to first order (targets ~ (r(y) - r(y'))/2 for small reward gaps).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+
+from rebel_kernels import rebel_loss_from_logprobs
+
+from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, positive, sequence_sum
+
+# prefer(prompts, ys, ys2) -> [n] tensor of P(ys[j] > ys2[j] | prompts[j])
+PreferenceFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], torch.Tensor]
+
+
+def anchor_preferences(prefer: PreferenceFn, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+    """One preference-model call per rollout: [2B] P(y_s > y'' | x) for s = 0, 1 (rows s*B + i), from
+    B prompts and 3B responses laid out sample-major (y, then y', then the anchors y'')."""
+    b = len(prompts)
+    if b == 0 or len(responses) != 3 * b:
+        raise ValueError(f"responses must hold 3 * len(prompts) = {3 * b} texts (y, y', y''), got {len(responses)}")
+    anchors = list(responses[2 * b:])
+    return prefer(list(prompts) * 2, list(responses[: 2 * b]), anchors * 2)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RebelPreference(Algorithm):
+    samples_per_prompt: int = 3
+    eta: float = 1.0
+
+    def __post_init__(self):
+        check_k("RebelPreference", self.samples_per_prompt, "== 3 (y, y', anchor y'')", self.samples_per_prompt == 3)
+        positive("eta", self.eta)
+
+    def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        b = check_inputs(logprobs, batch, 3, ("old_logprobs", "ref_logprobs", "anchor_preferences"))
+        prefs = batch.anchor_preferences.detach()
+        if not bool(((prefs >= 0) & (prefs <= 1)).all()):
+            raise ValueError(f"anchor_preferences must be probabilities in [0, 1], got min {prefs.min().item()} "
+                             f"max {prefs.max().item()}")
+        acc, pair = acc_dtype(logprobs), slice(0, 2 * b)
+        labels = batch.labels[pair]
+        kl = (sequence_sum(batch.old_logprobs[pair], labels, batch.ignore_index, acc)
+              - sequence_sum(batch.ref_logprobs[pair], labels, batch.ignore_index, acc)).detach()  # [2B]
+        targets = 2 * prefs.to(acc) - 1  # l(x, y_s, y'') for s = 0, 1
+        rewards = targets - batch.kl_coef * kl
+        loss = rebel_loss_from_logprobs(logprobs[pair], labels, batch.old_logprobs[pair], rewards, eta=self.eta,
+                                        ignore_index=batch.ignore_index, reduction="mean")
+        return loss, {"loss": loss.item(), "preference/mean": prefs.mean().item(), "kl/mean": kl.mean().item(),
+                      "target/abs_mean": (targets[:b] - targets[b:]).abs().mean().item()}
