@@ -91,7 +91,8 @@ def check_inputs(logprobs: torch.Tensor, batch: AlgoBatch, k: int, needs: tuple[
         raise ValueError(f"logprobs must have a positive multiple of samples_per_prompt={k} rows "
                          f"(row s*B + i = sample s of prompt i), got {rows}")
     if not isinstance(batch.labels, torch.Tensor) or tuple(batch.labels.shape) != (rows, t):
-        raise ValueError(f"labels must have logprobs' shape {(rows, t)}, got {tuple(getattr(batch.labels, 'shape', ()))}")
+        got = tuple(getattr(batch.labels, "shape", ()))
+        raise ValueError(f"labels must have logprobs' shape {(rows, t)}, got {got}")
     if batch.labels.dtype != torch.int64:
         raise TypeError(f"labels must be int64, got {batch.labels.dtype}")
     for name in needs:
