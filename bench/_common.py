@@ -1,9 +1,25 @@
 """Shapes, inputs, providers and accounting shared by the loss benchmarks.
 
-Two providers compute the same thing:
+Every provider computes the same per-token log-probabilities (float32 [2B, T], 0 at ignored
+positions) and the same REBEL loss on top (`rebel_loss_from_logprobs`, the naive epilogue):
 - "fused": rebel_kernels.fused_rebel_loss / fused_token_logprobs (never holds [tokens, vocab]);
 - "naive": what a user writes in plain PyTorch: logits in the input dtype over every position,
-  .float(), log_softmax, gather, mask, per-sequence sums, REBEL's squared regression.
+  .float(), log_softmax, gather, mask, per-sequence sums, REBEL's squared regression;
+- "naive-response": the same over the response positions only (valid rows gathered first);
+- "compile": torch.compile(fullgraph=True, dynamic=False) of the naive functions (on CPU only
+  the tiny shape: inductor compiles a C++ kernel per shape);
+- "torch-lce": torch.nn.functional.linear_cross_entropy with LinearCrossEntropyOptions() (the
+  chunked path), reduction="none"; its "options ignored" fall-back-to-materializing warning is an
+  error; log-probs = -CE;
+- "liger": Liger-Kernel's fused linear cross entropy, reduction="none", float32 accumulation
+  where the installed version takes accum_dtype (CUDA only);
+- "cce", "cce_exact": Cut Cross-Entropy's linear_cross_entropy, impl "cce" / "cce_exact",
+  reduction="none" (CUDA only).
+Peers without a temperature argument (torch-lce, liger, cce*) get hidden / T (and would get
+bias / T), computed inside the timed call.  Peers that are not installed, or that need CUDA on a
+CPU machine, are skipped with the reason (`provider_skip_reason`), never replaced by something
+else; each provider is checked against rebel_kernels.reference (values and gradients) before
+it is timed (`check_provider`).
 Two modes: "fwd" (no-grad token log-probabilities) and "fwdbwd" (loss forward + backward wrt
 hidden and weight).
 """
@@ -15,10 +31,16 @@ import os
 import platform
 import re
 import subprocess
+import warnings
 
 import torch
+import torch.nn.functional as F
 
-PROVIDERS = ("fused", "naive")
+PROVIDERS = ("fused", "naive", "naive-response", "compile", "torch-lce", "liger", "cce", "cce_exact")
+CUDA_ONLY = frozenset({"liger", "cce", "cce_exact"})
+# Providers whose matmul covers every position (ignored ones included); the others compute the
+# response rows only (CCE drops ignored targets before its kernels).
+ALL_ROW_PROVIDERS = frozenset({"naive", "compile", "torch-lce", "liger"})
 MODES = ("fwd", "fwdbwd")
 IGNORE_INDEX = -100
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +65,8 @@ class Case:
     measure_memory: bool = True  # False: skip the peak-memory probe (a fresh process on CPU)
     warmup_rounds: int = 1
     rounds: int = 5
+    temperature: float = 1.0
+    compile_ok: bool = True  # False: skip the "compile" provider (CPU: one inductor build per shape)
 
     @property
     def tokens(self) -> int:
@@ -63,23 +87,40 @@ class Case:
         return getattr(torch, self.dtype)
 
 
-def _llama3_8b(n_tokens: int, response_fraction: float) -> Case:
+# LM heads of real configs (hidden size H, vocabulary V); random weights.
+MODELS = {
+    "llama3_8b": (4096, 128256),
+    "qwen2_5_7b": (3584, 152064),
+    "pythia_2_8b": (2560, 50304),
+    "gemma2_2b": (2304, 256000),
+}
+CUDA_TOKENS = (2048, 8192, 32768)
+CUDA_RESPONSE_FRACTIONS = (1.0, 0.5, 0.1)
+CUDA_TEMPERATURE = 0.7  # != 1, so that the h / T the temperature-less peers need is timed
+
+
+def _cuda_case(model: str, n_tokens: int, response_fraction: float, dtype: str = "bfloat16") -> Case:
+    """REBEL-shaped batch: 2B = 16 sequences of T = N / 16 positions, the last
+    response_fraction * T of each being response tokens."""
+    h, v = MODELS[model]
     pct = round(100 * response_fraction)
-    return Case(f"llama3_8b_N{n_tokens}_r{pct}", "cuda", "bfloat16", 16, n_tokens // 16, 4096, 128256,
-                response_fraction, warmup_rounds=3, rounds=10)
+    suffix = "" if dtype == "bfloat16" else "_fp32"
+    return Case(f"{model}_N{n_tokens}_r{pct}{suffix}", "cuda", dtype, 16, n_tokens // 16, h, v,
+                response_fraction, warmup_rounds=3, rounds=10, temperature=CUDA_TEMPERATURE)
 
 
 CASES = (
     # CPU, quick: exercises the harness in CI.  N = 2*2*64 tokens.
-    Case("cpu_tiny_r100", "cpu", "float32", 4, 64, 64, 1000, 1.0, warmup_rounds=1, rounds=10),
-    Case("cpu_tiny_r25", "cpu", "float32", 4, 64, 64, 1000, 0.25, warmup_rounds=1, rounds=10, measure_memory=False),
+    Case("cpu_tiny_r100", "cpu", "float32", 4, 64, 64, 1000, 1.0, warmup_rounds=1, rounds=10, compile_ok=False),
+    Case("cpu_tiny_r25", "cpu", "float32", 4, 64, 64, 1000, 0.25, warmup_rounds=1, rounds=10, measure_memory=False,
+         temperature=0.7),
     # CPU acceptance shape: N = 4096 tokens (2B=8, T=512), H=256, V=32000.
-    Case("cpu_acceptance", "cpu", "float32", 8, 512, 256, 32000, 1.0, full_only=True, warmup_rounds=1, rounds=7),
-    # CUDA: the Llama-3-8B LM head, bf16, 2B = 16 sequences of T = N / 16.
-    _llama3_8b(8192, 1.0),
-    _llama3_8b(16384, 1.0),
-    _llama3_8b(32768, 1.0),
-    _llama3_8b(8192, 0.1),  # 10% response tokens: the fused op only computes those
+    Case("cpu_acceptance", "cpu", "float32", 8, 512, 256, 32000, 1.0, full_only=True, warmup_rounds=1, rounds=7,
+         compile_ok=False),
+    # CUDA, bf16: four LM heads x N in {2k, 8k, 32k} x 100/50/10% response tokens.
+    *(_cuda_case(m, n, f) for m in MODELS for n in CUDA_TOKENS for f in CUDA_RESPONSE_FRACTIONS),
+    # float32 spot check.
+    _cuda_case("llama3_8b", 8192, 0.5, dtype="float32"),
 )
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -139,16 +180,88 @@ def naive_token_logprobs(hidden, weight, labels, *, temperature: float = 1.0, ig
     return logp * mask
 
 
-def naive_rebel_loss(hidden, weight, labels, old_logprobs, rewards, *, eta: float = 1.0,
-                     temperature: float = 1.0, ignore_index: int = IGNORE_INDEX):
-    """REBEL: mean over pairs (i, B+i) of ((ratio_i - ratio_{B+i}) / eta - (r_i - r_{B+i}))^2."""
-    logp = naive_token_logprobs(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index)
+def naive_response_token_logprobs(hidden, weight, labels, *, temperature: float = 1.0,
+                                  ignore_index: int = IGNORE_INDEX):
+    """Plain PyTorch over the response positions only: gather the valid rows, then the same."""
+    flat = labels.reshape(-1)
+    idx = (flat != ignore_index).nonzero().squeeze(1)  # [n_valid] (a host sync on CUDA)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # [n_valid, H]
+    logits = (h @ weight.T).float()  # [n_valid, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, flat.index_select(0, idx).unsqueeze(-1)).squeeze(-1)
+    return logp.new_zeros(flat.shape).index_copy(0, idx, logp).reshape(labels.shape)
+
+
+def rebel_loss_from_logprobs(logp, labels, old_logprobs, rewards, *, eta: float = 1.0,
+                             ignore_index: int = IGNORE_INDEX):
+    """The naive epilogue every non-fused provider shares: per-sequence sums, then REBEL's
+    mean over pairs (i, B+i) of ((ratio_i - ratio_{B+i}) / eta - (r_i - r_{B+i}))^2."""
     mask = labels != ignore_index
     old = old_logprobs if old_logprobs.dim() == 1 else (old_logprobs.float() * mask).sum(-1)
     ratio = logp.sum(-1) - old  # [2B]
     b = ratio.shape[0] // 2
     err = (ratio[:b] - ratio[b:]) / eta - (rewards[:b] - rewards[b:]).float()  # [B]
     return (err * err).mean()
+
+
+def naive_rebel_loss(hidden, weight, labels, old_logprobs, rewards, *, eta: float = 1.0,
+                     temperature: float = 1.0, ignore_index: int = IGNORE_INDEX):
+    """REBEL on naive_token_logprobs."""
+    logp = naive_token_logprobs(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index)
+    return rebel_loss_from_logprobs(logp, labels, old_logprobs, rewards, eta=eta, ignore_index=ignore_index)
+
+
+def _scaled(hidden, temperature: float):
+    """hidden / T for peers without a temperature argument: (h / T) @ W.T = (h @ W.T) / T."""
+    return hidden if temperature == 1.0 else hidden / temperature
+
+
+def _from_ce(ce, labels):
+    """Per-token log-probabilities from a peer's per-token cross entropy (0 at ignored tokens)."""
+    return ce.float().neg().reshape(labels.shape)
+
+
+TORCH_LCE_FALLBACK = r"linear_cross_entropy: ``options`` ignored"
+
+
+def torch_lce_token_logprobs(hidden, weight, labels, *, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX):
+    """-torch.nn.functional.linear_cross_entropy(reduction="none") on the chunked path.  Its
+    warning that it ignores `options` and materializes the logits is raised as an error."""
+    h = _scaled(hidden, temperature).reshape(-1, hidden.shape[-1])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=TORCH_LCE_FALLBACK)
+        ce = F.linear_cross_entropy(h, weight, labels.reshape(-1), reduction="none", ignore_index=ignore_index,
+                                    options=torch.nn.LinearCrossEntropyOptions())
+    return _from_ce(ce, labels)
+
+
+def liger_token_logprobs(hidden, weight, labels, *, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX):
+    """-Liger-Kernel fused linear cross entropy, reduction="none", float32 accumulation."""
+    import inspect  # noqa: PLC0415
+
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: PLC0415
+
+    kw = dict(ignore_index=ignore_index, reduction="none")
+    if "accum_dtype" in inspect.signature(liger_fused_linear_cross_entropy).parameters:
+        kw["accum_dtype"] = torch.float32
+    h = _scaled(hidden, temperature).reshape(-1, hidden.shape[-1])
+    out = liger_fused_linear_cross_entropy(h, weight, labels.reshape(-1), **kw)
+    out = out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
+    return _from_ce(out, labels)
+
+
+def _cce_token_logprobs(impl: str):
+    def fn(hidden, weight, labels, *, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX):
+        from cut_cross_entropy import linear_cross_entropy  # noqa: PLC0415
+
+        h = _scaled(hidden, temperature).reshape(-1, hidden.shape[-1])
+        ce = linear_cross_entropy(h, weight, labels.reshape(-1), ignore_index=ignore_index, reduction="none",
+                                  impl=impl)
+        return _from_ce(ce, labels)
+
+    fn.__name__ = f"cce_{impl}_token_logprobs"
+    return fn
 
 
 def fused_ops():
@@ -162,7 +275,48 @@ def fused_ops():
     return None if lp is None or loss is None else (lp, loss)
 
 
+def _loss_on(logprobs_fn):
+    def loss_fn(hidden, weight, labels, old_logprobs, rewards, *, eta: float = 1.0, temperature: float = 1.0,
+                ignore_index: int = IGNORE_INDEX):
+        logp = logprobs_fn(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index)
+        return rebel_loss_from_logprobs(logp, labels, old_logprobs, rewards, eta=eta, ignore_index=ignore_index)
+
+    loss_fn.__name__ = f"rebel_loss_on_{logprobs_fn.__name__}"
+    return loss_fn
+
+
+_PEER_LOGPROBS = {
+    "naive-response": naive_response_token_logprobs,
+    "torch-lce": torch_lce_token_logprobs,
+    "liger": liger_token_logprobs,
+    "cce": _cce_token_logprobs("cce"),
+    "cce_exact": _cce_token_logprobs("cce_exact"),
+}
+
+
+def provider_skip_reason(provider: str, device: str) -> str | None:
+    """Why `provider` cannot run on `device` here (not installed, CUDA only, ...), or None."""
+    if provider == "fused":
+        return None if fused_ops() is not None else "rebel_kernels.fused_rebel_loss is not available"
+    if provider in ("naive", "naive-response", "compile"):
+        return None
+    if provider == "torch-lce":
+        if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            return f"torch {torch.__version__} has no chunked torch.nn.functional.linear_cross_entropy"
+        return None
+    if provider in CUDA_ONLY and device != "cuda":
+        return f"{provider}: CUDA-only Triton kernels, no CUDA device"
+    module = "liger_kernel" if provider == "liger" else "cut_cross_entropy"
+    try:
+        __import__(module)
+    except ImportError as exc:
+        return f"{provider}: {module} is not installed ({exc})"
+    return None
+
+
 def provider_ops(provider: str):
+    """(token_logprobs_fn, rebel_loss_fn), both taking (hidden, weight, labels[, old, rewards],
+    *, temperature=...)."""
     if provider == "naive":
         return naive_token_logprobs, naive_rebel_loss
     if provider == "fused":
@@ -170,6 +324,13 @@ def provider_ops(provider: str):
         if ops is None:
             raise RuntimeError("rebel_kernels.fused_rebel_loss / fused_token_logprobs are not available")
         return ops
+    if provider == "compile":
+        torch._dynamo.reset()  # a fresh cache per shape: no silent fall-back to eager at the recompile limit
+        return (torch.compile(naive_token_logprobs, fullgraph=True, dynamic=False),
+                torch.compile(naive_rebel_loss, fullgraph=True, dynamic=False))
+    if provider in _PEER_LOGPROBS:
+        fn = _PEER_LOGPROBS[provider]
+        return fn, _loss_on(fn)
     raise ValueError(f"unknown provider {provider!r}")
 
 
@@ -178,7 +339,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_step(provider: str, mode: str, inputs: dict, device: str):
+def make_step(provider: str, mode: str, inputs: dict, device: str, *, temperature: float = 1.0):
     """A no-argument callable running one forward (mode "fwd") or forward+backward ("fwdbwd"),
     synchronizing the device before it returns."""
     logprobs_fn, loss_fn = provider_ops(provider)
@@ -187,12 +348,12 @@ def make_step(provider: str, mode: str, inputs: dict, device: str):
     if mode == "fwd":
         def step():
             with torch.no_grad():
-                out = logprobs_fn(h, w, y)
+                out = logprobs_fn(h, w, y, temperature=temperature)
             sync(device)
             return out
     elif mode == "fwdbwd":
         def step():
-            loss = loss_fn(h, w, y, old, rew)
+            loss = loss_fn(h, w, y, old, rew, temperature=temperature)
             grads = torch.autograd.grad(loss, (h, w))
             sync(device)
             return grads
@@ -202,12 +363,55 @@ def make_step(provider: str, mode: str, inputs: dict, device: str):
 
 
 # ----------------------------------------------------------------------------------------------
+# Correctness, before timing
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+CHECK_TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}  # relative norm error vs the reference
+CHECK_TOL_CUDA_FP32 = 5e-3  # TF32 matmuls in the peers' Triton kernels
+
+
+def check_provider(provider: str, device: str, dtype: str = "float32", *, seed: int = 3) -> dict:
+    """Per-token log-probabilities (no grad), the REBEL loss and its gradients wrt hidden and weight
+    of `provider` against rebel_kernels.reference, on a small batch in `dtype` with T = 0.7 and
+    half the positions ignored.  Relative (norm) errors; ok when all are within CHECK_TOL."""
+    from rebel_kernels.reference import reference_rebel_loss, reference_token_logprobs  # noqa: PLC0415
+
+    case = Case("check", device, dtype, 4, 24, 64, 1000, 0.5)
+    x = make_inputs(case, requires_grad=True, seed=seed)
+    args, tail, temp = (x["hidden"], x["weight"], x["labels"]), (x["old_logprobs"], x["rewards"]), 0.7
+    logprobs_fn, loss_fn = provider_ops(provider)
+    with torch.no_grad():
+        lp = logprobs_fn(*args, temperature=temp)
+    loss = loss_fn(*args, *tail, temperature=temp)
+    grads = torch.autograd.grad(loss, (x["hidden"], x["weight"]))
+    ref = [t.detach().requires_grad_() for t in (x["hidden"].double(), x["weight"].double())]
+    ref_lp = reference_token_logprobs(*ref, x["labels"], temperature=temp)
+    ref_loss = reference_rebel_loss(*ref, x["labels"], *tail, temperature=temp)
+    ref_grads = torch.autograd.grad(ref_loss, ref)
+    errs = dict(logprobs=_rel(lp, ref_lp), loss=_rel(loss, ref_loss),
+                grad_hidden=_rel(grads[0], ref_grads[0]), grad_weight=_rel(grads[1], ref_grads[1]))
+    tol = CHECK_TOL_CUDA_FP32 if (device == "cuda" and dtype == "float32") else CHECK_TOL[dtype]
+    ignored = x["labels"] == IGNORE_INDEX
+    zero_ignored = bool((lp[ignored] == 0).all())
+    return dict(ok=all(e <= tol for e in errs.values()) and zero_ignored and lp.shape == x["labels"].shape,
+                fwd_ok=errs["logprobs"] <= tol and zero_ignored, tol=tol, zero_at_ignored=zero_ignored,
+                dtype=dtype, **{f"rel_err_{k}": v for k, v in errs.items()})
+
+
+# ----------------------------------------------------------------------------------------------
 # Accounting
 
 
 def computed_tokens(case: Case, provider: str) -> int:
-    """Tokens whose logits the method computes: naive all positions, fused the response tokens."""
-    return case.tokens if provider == "naive" else case.valid_tokens
+    """Rows whose logits the method computes: every position for naive, compile, torch-lce and
+    liger (handed all positions with ignore_index, as users call them); the response tokens for
+    fused, naive-response and CCE."""
+    return case.tokens if provider in ALL_ROW_PROVIDERS else case.valid_tokens
 
 
 def flops(case: Case, provider: str, mode: str) -> int:
@@ -216,12 +420,18 @@ def flops(case: Case, provider: str, mode: str) -> int:
     return per * computed_tokens(case, provider) * case.hidden * case.vocab
 
 
+def flops_valid(case: Case, mode: str) -> int:
+    """The same accounting over the response tokens only: the useful work, equal for every provider."""
+    return (2 if mode == "fwd" else 8) * case.valid_tokens * case.hidden * case.vocab
+
+
 def describe(case: Case, provider: str, mode: str) -> dict:
     return dict(
         case=case.name, provider=provider, mode=mode, device=case.device, dtype=case.dtype,
         rows=case.rows, seq=case.seq, N=case.tokens, H=case.hidden, V=case.vocab,
         response_fraction=case.response_fraction, valid_tokens=case.valid_tokens,
         computed_tokens=computed_tokens(case, provider), flop=flops(case, provider, mode),
+        flop_valid=flops_valid(case, mode), temperature=case.temperature,
     )
 
 
@@ -236,9 +446,47 @@ def percentile(data, q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def timing_summary(times, flop: int) -> dict:
+def timing_summary(times, flop: int, flop_valid: int | None = None, peak_tflops: float | None = None) -> dict:
+    """p20/p50/p80 seconds; TFLOP/s at p50 over the rows computed (tflops) and over the valid
+    tokens (tflops_valid); tflops / the bf16 matmul peak measured in this session."""
     p20, p50, p80 = (percentile(times, q) for q in (20, 50, 80))
-    return dict(rounds=len(times), min_s=min(times), p20_s=p20, p50_s=p50, p80_s=p80, tflops=flop / p50 / 1e12)
+    out = dict(rounds=len(times), min_s=min(times), p20_s=p20, p50_s=p50, p80_s=p80, tflops=flop / p50 / 1e12)
+    if flop_valid is not None:
+        out["tflops_valid"] = flop_valid / p50 / 1e12
+    if peak_tflops:
+        out["peak_fraction"] = out["tflops"] / peak_tflops
+        if flop_valid is not None:
+            out["peak_fraction_valid"] = out["tflops_valid"] / peak_tflops
+    return out
+
+
+_MATMUL_PEAK: dict = {}
+
+
+def bf16_matmul_peak_tflops(n: int = 8192, iters: int = 20) -> float | None:
+    """Dense bf16 matmul throughput of this GPU, measured once per process: an n^3 matmul timed
+    with CUDA events (median of `iters` after warm-up).  None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    if "tflops" not in _MATMUL_PEAK:
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            torch.matmul(a, b, out=c)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.matmul(a, b, out=c)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        _MATMUL_PEAK.update(tflops=2 * n**3 / percentile(times, 50) / 1e12, n=n, iters=iters)
+        del a, b, c
+        torch.cuda.empty_cache()
+    return _MATMUL_PEAK["tflops"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +516,19 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
+def peer_versions() -> dict:
+    """Installed versions of the peer libraries (None: not installed)."""
+    from importlib import metadata  # noqa: PLC0415
+
+    out = {}
+    for dist in ("liger-kernel", "cut-cross-entropy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def environment() -> dict:
     """Device, software and commit, for the results file."""
     try:
@@ -277,13 +538,17 @@ def environment() -> dict:
         triton_version = None
     env = dict(cpu=cpu_model(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                platform=platform.platform(), python=platform.python_version(),
-               torch=torch.__version__, triton=triton_version)
+               torch=torch.__version__, triton=triton_version, peers=peer_versions())
     if torch.cuda.is_available():
         env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
                    driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
         env["device"] = env["gpu"]
     else:
         env["device"] = env["cpu"]
+    if _MATMUL_PEAK:
+        env.update(bf16_matmul_peak_tflops=_MATMUL_PEAK["tflops"],
+                   bf16_matmul_peak_method=f"{_MATMUL_PEAK['n']}^3 bf16 torch.matmul, median of "
+                                           f"{_MATMUL_PEAK['iters']} CUDA-event timings")
     env.update({k: os.environ[k] for k in ("REBEL_KERNELS_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
                 if k in os.environ})
     commit = _run(["git", "rev-parse", "HEAD"])

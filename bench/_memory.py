@@ -112,9 +112,9 @@ def _child_main(argv) -> None:
     grad = mode == "fwdbwd"
     # One tiny call first: same provider, mode, dtype and H; 2 rows of 4 positions, a small vocab.
     tiny = dataclasses.replace(case, rows=2, seq=4, vocab=min(case.vocab, 256))
-    make_step(provider, mode, make_inputs(tiny, requires_grad=grad), case.device)()
+    make_step(provider, mode, make_inputs(tiny, requires_grad=grad), case.device, temperature=case.temperature)()
     inputs = make_inputs(case, requires_grad=grad)
-    step = make_step(provider, mode, inputs, case.device)
+    step = make_step(provider, mode, inputs, case.device, temperature=case.temperature)
     result = measure_rss_growth(step)
     result["input_bytes"] = input_bytes(inputs)
     result["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
