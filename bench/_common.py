@@ -13,6 +13,9 @@ positions) and the same REBEL loss on top (`rebel_loss_from_logprobs`, the naive
   error; log-probs = -CE;
 - "liger": Liger-Kernel's fused linear cross entropy, reduction="none", float32 accumulation
   where the installed version takes accum_dtype (CUDA only);
+- "liger-scaled": Liger-Kernel's fused linear *scaled* cross entropy (per-token NLL with a
+  temperature argument; Liger dispatches it to a CuTe-DSL kernel on sm90 and to its chunked
+  PyTorch fallback elsewhere, CPU included: the row's "impl" says which);
 - "cce", "cce_exact": Cut Cross-Entropy's linear_cross_entropy, impl "cce" / "cce_exact",
   reduction="none" (CUDA only).
 Peers without a temperature argument (torch-lce, liger, cce*) get hidden / T (and would get
@@ -36,11 +39,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-PROVIDERS = ("fused", "naive", "naive-response", "compile", "torch-lce", "liger", "cce", "cce_exact")
+PROVIDERS = ("fused", "naive", "naive-response", "compile", "torch-lce", "liger", "liger-scaled", "cce", "cce_exact")
 CUDA_ONLY = frozenset({"liger", "cce", "cce_exact"})
 # Providers whose matmul covers every position (ignored ones included); the others compute the
 # response rows only (CCE drops ignored targets before its kernels).
-ALL_ROW_PROVIDERS = frozenset({"naive", "compile", "torch-lce", "liger"})
+ALL_ROW_PROVIDERS = frozenset({"naive", "compile", "torch-lce", "liger", "liger-scaled"})
 MODES = ("fwd", "fwdbwd")
 IGNORE_INDEX = -100
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +69,8 @@ class Case:
     warmup_rounds: int = 1
     rounds: int = 5
     temperature: float = 1.0
-    compile_ok: bool = True  # False: skip the "compile" provider (CPU: one inductor build per shape)
+    compile_ok: bool = True  # False: skip the "compile" provider (one inductor build per shape)
+    model: str = ""  # key of MODELS for the real-config shapes
 
     @property
     def tokens(self) -> int:
@@ -105,8 +109,13 @@ def _cuda_case(model: str, n_tokens: int, response_fraction: float, dtype: str =
     h, v = MODELS[model]
     pct = round(100 * response_fraction)
     suffix = "" if dtype == "bfloat16" else "_fp32"
+    # torch.compile builds one graph per shape (tens of seconds each on a GPU): Llama-3-8B only,
+    # every N at 100% response tokens and N = 8192 at 10%.
+    compile_ok = model == "llama3_8b" and dtype == "bfloat16" and (response_fraction == 1.0 or
+                                                                   (n_tokens == 8192 and response_fraction == 0.1))
     return Case(f"{model}_N{n_tokens}_r{pct}{suffix}", "cuda", dtype, 16, n_tokens // 16, h, v,
-                response_fraction, warmup_rounds=3, rounds=10, temperature=CUDA_TEMPERATURE)
+                response_fraction, warmup_rounds=3, rounds=10, temperature=CUDA_TEMPERATURE,
+                compile_ok=compile_ok, model=model)
 
 
 CASES = (
@@ -125,9 +134,18 @@ CASES = (
 CASES_BY_NAME = {c.name: c for c in CASES}
 
 
+def selected_models() -> set[str] | None:
+    """REBEL_BENCH_MODELS=llama3_8b,gemma2_2b restricts the CUDA shapes to those LM heads."""
+    raw = os.environ.get("REBEL_BENCH_MODELS", "").strip()
+    return {m.strip() for m in raw.split(",") if m.strip()} or None
+
+
 def skip_reason(case: Case) -> str | None:
     """Why `case` does not run on this machine, or None."""
     cuda = torch.cuda.is_available()
+    models = selected_models()
+    if case.model and models is not None and case.model not in models:
+        return f"{case.model} not in REBEL_BENCH_MODELS={os.environ['REBEL_BENCH_MODELS']}"
     if case.device == "cuda" and not cuda:
         return "CUDA shape, no CUDA device"
     if case.full_only and not full_run():
@@ -251,6 +269,32 @@ def liger_token_logprobs(hidden, weight, labels, *, temperature: float = 1.0, ig
     return _from_ce(out, labels)
 
 
+def _liger_scaled_function():
+    from liger_kernel.ops.fused_linear_scaled_cross_entropy import (  # noqa: PLC0415
+        LigerFusedLinearScaledCrossEntropyFunction,
+    )
+
+    return LigerFusedLinearScaledCrossEntropyFunction
+
+
+def liger_scaled_impl(device: str) -> str | None:
+    """Which implementation Liger's fused scaled cross entropy dispatches to on `device`."""
+    try:
+        from liger_kernel.ops.fused_linear_scaled_cross_entropy import _resolve_implementation  # noqa: PLC0415
+
+        return _resolve_implementation(torch.empty(0, device=device).device).__name__
+    except Exception as exc:  # noqa: BLE001 - private helper, informational only
+        return f"unknown ({type(exc).__name__})"
+
+
+def liger_scaled_token_logprobs(hidden, weight, labels, *, temperature: float = 1.0,
+                                ignore_index: int = IGNORE_INDEX):
+    """-Liger-Kernel fused linear scaled cross entropy: takes the temperature itself."""
+    out = _liger_scaled_function().apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                         float(temperature), ignore_index)
+    return _from_ce(out[0] if isinstance(out, tuple) else out, labels)
+
+
 def _cce_token_logprobs(impl: str):
     def fn(hidden, weight, labels, *, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX):
         from cut_cross_entropy import linear_cross_entropy  # noqa: PLC0415
@@ -289,6 +333,7 @@ _PEER_LOGPROBS = {
     "naive-response": naive_response_token_logprobs,
     "torch-lce": torch_lce_token_logprobs,
     "liger": liger_token_logprobs,
+    "liger-scaled": liger_scaled_token_logprobs,
     "cce": _cce_token_logprobs("cce"),
     "cce_exact": _cce_token_logprobs("cce_exact"),
 }
@@ -306,11 +351,22 @@ def provider_skip_reason(provider: str, device: str) -> str | None:
         return None
     if provider in CUDA_ONLY and device != "cuda":
         return f"{provider}: CUDA-only Triton kernels, no CUDA device"
-    module = "liger_kernel" if provider == "liger" else "cut_cross_entropy"
+    module = "cut_cross_entropy" if provider.startswith("cce") else "liger_kernel"
     try:
         __import__(module)
     except ImportError as exc:
         return f"{provider}: {module} is not installed ({exc})"
+    try:
+        if provider == "liger-scaled":
+            _liger_scaled_function()
+        if provider == "cce_exact":
+            from cut_cross_entropy import LinearCrossEntropyImpl  # noqa: PLC0415
+
+            if not hasattr(LinearCrossEntropyImpl, "CCE_EXACT"):
+                return (f"cce_exact: cut-cross-entropy {peer_versions()['cut-cross-entropy']} has no cce_exact "
+                        f"impl (it has {[i.name.lower() for i in LinearCrossEntropyImpl]})")
+    except ImportError as exc:
+        return f"{provider}: this {module} lacks it ({exc})"
     return None
 
 

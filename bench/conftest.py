@@ -1,5 +1,6 @@
 """Benchmark session plumbing: the `slow` marker, the rows each benchmark records, and, with
-REBEL_BENCH_SAVE=1, bench/results/<device-slug>_<date>_loss.json written at session end."""
+REBEL_BENCH_SAVE=1, bench/results/<device-slug>_<date>_<suite>.json written at session end
+(REBEL_BENCH_RESULTS_DIR=DIR writes them to DIR instead)."""
 from __future__ import annotations
 
 import gc
@@ -11,7 +12,8 @@ import torch
 
 from bench._common import environment, slug
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = os.environ.get("REBEL_BENCH_RESULTS_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                        "results")
 _ROWS = pytest.StashKey[list]()
 
 
@@ -43,23 +45,61 @@ except ImportError:  # the correctness checks in bench/ still run
 
 
 def results_path(env: dict, suite: str = "loss") -> str:
-    return os.path.join(RESULTS_DIR, f"{slug(env['device'])}_{env['date']}_{suite}.json")
+    """bench/results/<device>_<date>_<suite>[_<REBEL_BENCH_TAG>].json"""
+    tag = slug(os.environ["REBEL_BENCH_TAG"]) if os.environ.get("REBEL_BENCH_TAG") else ""
+    return os.path.join(RESULTS_DIR, f"{slug(env['device'])}_{env['date']}_{suite}{'_' + tag if tag else ''}.json")
 
 
-def pytest_sessionfinish(session, exitstatus):
+_ENV = pytest.StashKey[dict]()
+
+
+def _save(config, final: bool) -> list[tuple[str, int]]:
+    """Write every suite's rows so far (after each test too: a run killed by a timeout keeps
+    what it measured).  The environment is read once; the matmul peak is added when measured."""
     if os.environ.get("REBEL_BENCH_SAVE", "0") != "1":
-        return
-    rows = session.config.stash.get(_ROWS, [])
+        return []
+    rows = config.stash.get(_ROWS, [])
     if not rows:
-        return
-    env = environment()
+        return []
+    if _ENV not in config.stash:
+        config.stash[_ENV] = environment()
+    env = dict(config.stash[_ENV])
+    from bench._common import _MATMUL_PEAK  # noqa: PLC0415
+
+    if _MATMUL_PEAK:
+        env.update(bf16_matmul_peak_tflops=_MATMUL_PEAK["tflops"],
+                   bf16_matmul_peak_method=f"{_MATMUL_PEAK['n']}^3 bf16 torch.matmul, median of "
+                                           f"{_MATMUL_PEAK['iters']} CUDA-event timings")
+    env["complete"] = final
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    written = []
     for suite in sorted({row.get("suite", "loss") for row in rows}):
         mine = [row for row in rows if row.get("suite", "loss") == suite]
         path = results_path(env, suite)
-        with open(path, "w") as f:
-            json.dump(dict(suite=suite, environment=env, rows=mine), f, indent=1)
+        with open(path + ".tmp", "w") as f:
+            json.dump(dict(suite=suite, environment=env, rows=mine), f, indent=1, default=str)
             f.write("\n")
+        os.replace(path + ".tmp", path)
+        written.append((path, len(mine)))
+    return written
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    config = _CONFIG.get("config")
+    if config is not None:
+        _save(config, final=False)
+
+
+_CONFIG: dict = {}
+
+
+def pytest_sessionstart(session):
+    _CONFIG["config"] = session.config
+
+
+def pytest_sessionfinish(session, exitstatus):
+    written = _save(session.config, final=True)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for path, n in written:
         if reporter is not None:
-            reporter.write_line(f"rebel bench: wrote {len(mine)} rows to {os.path.relpath(path)}")
+            reporter.write_line(f"rebel bench: wrote {n} rows to {os.path.relpath(path)}")

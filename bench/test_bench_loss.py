@@ -2,6 +2,7 @@
 linear_cross_entropy, Liger-Kernel and Cut Cross-Entropy: time (pytest-benchmark) and peak memory.
 
     python -m pytest bench/ -q                                   # CPU: tiny shapes, quick
+    REBEL_BENCH_MODELS=llama3_8b python -m pytest bench/ -q      # CUDA: one LM head's shapes only
     REBEL_BENCH_FULL=1 python -m pytest bench/ -q -m slow        # CPU acceptance shape
     REBEL_BENCH_SAVE=1 python -m pytest bench/                   # + bench/results/<device>_<date>_loss.json
     python bench/report.py [--plots]                             # markdown tables (+ PNG plots)
@@ -27,6 +28,7 @@ from bench._common import (
     describe,
     fused_ops,
     input_bytes,
+    liger_scaled_impl,
     make_inputs,
     make_step,
     naive_rebel_loss,
@@ -97,7 +99,8 @@ def test_loss(benchmark, bench_rows, request, case: Case, provider: str, mode: s
     if reason:
         pytest.skip(reason)
     if provider == "compile" and not case.compile_ok:
-        pytest.skip(f"compile: not on {case.name} (one inductor build per CPU shape; see cpu_tiny_r25)")
+        pytest.skip(f"compile: not on {case.name} (one inductor build per shape: cpu_tiny_r25 on CPU; "
+                    "on CUDA Llama-3-8B at 100% response tokens and N=8192 at 10%)")
     benchmark.group = f"{case.name}-{mode}"
     info = describe(case, provider, mode)
     info["test"] = request.node.name
@@ -116,6 +119,8 @@ def test_loss(benchmark, bench_rows, request, case: Case, provider: str, mode: s
     info["input_bytes"] = input_bytes(inputs)
     if provider == "fused":
         info["backend"] = _fused_backend(inputs["hidden"])
+    elif provider == "liger-scaled":
+        info["impl"] = liger_scaled_impl(case.device)
     step = make_step(provider, mode, inputs, case.device, temperature=case.temperature)
     failure = None
     try:
