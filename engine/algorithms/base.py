@@ -24,6 +24,8 @@ import numbers
 
 import torch
 
+from rebel_kernels._validate import positive_finite
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -70,12 +72,7 @@ def check_k(name: str, k, allowed: str, ok: bool) -> None:
         raise ValueError(f"{name} needs samples_per_prompt {allowed}, got {k}")
 
 
-def positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return float(value)
+positive = positive_finite  # the op's own check: finite and > 0, naming the argument
 
 
 def check_inputs(logprobs: torch.Tensor, batch: AlgoBatch, k: int, needs: tuple[str, ...]) -> int:
