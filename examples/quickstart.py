@@ -22,13 +22,13 @@ def main(pairs: int = 4, prompt_len: int = 24, response_len: int = 8, hidden: in
     rewards = torch.randn(rows, device=device)
     with torch.no_grad():
         old = fused_token_logprobs(states, head.weight, labels)  # log pi_t, recorded once
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
-    for step in range(20):
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    for step in range(40):
         loss = fused_rebel_loss(states, head.weight, labels, old, rewards)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 5 == 0 or step == 19:
+        if step % 10 == 0 or step == 39:
             print(f"step {step:2d}  REBEL loss {loss.item():.4f}")
     print(f"device {device}: the loss starts at mean((r - r')^2) since the ratio is exactly 0, then falls")
 
