@@ -1,0 +1,44 @@
+"""engine/config.py: presets, typed overrides, clear errors, JSON round trip, the CLI parser."""
+import pytest
+
+from engine import config as C
+from engine.train import parse_args
+
+
+@pytest.mark.parametrize("name", sorted(C.PRESETS))
+def test_every_preset_builds_and_round_trips(name):
+    cfg = C.PRESETS[name]()
+    assert C.from_json(C.to_json(cfg)) == cfg
+
+
+def test_overrides_are_typed():
+    cfg = C.apply_overrides(C.default(), [("optim.lr", "1e-4"), ("generation.temperature", "0.7"), ("seed", "3"),
+                                          ("optim.max_grad_norm", "none"), ("logging.plots", "false"),
+                                          ("data.partner_column", "chosen")])
+    assert (cfg.optim.lr, cfg.generation.temperature, cfg.seed) == (1e-4, 0.7, 3)
+    assert cfg.optim.max_grad_norm is None and cfg.logging.plots is False and cfg.data.partner_column == "chosen"
+
+
+@pytest.mark.parametrize("pairs, match", [
+    ([("optim.lrr", "1")], r"unknown config key --optim.lrr \(did you mean --optim.lr\?\)"),
+    ([("optm.lr", "1")], "unknown config key --optm.lr"),
+    ([("optim.lr", "fast")], "--optim.lr: cannot read 'fast' as float"),
+    ([("optim.lr", "-1")], "optim.lr must be > 0"),
+    ([("rebel.eta", "0")], "rebel.eta must be > 0"),
+    ([("logging.plots", "maybe")], "--logging.plots"),
+    ([("generation.temperature", "0")], "temperature must be > 0"),
+    ([("generation.samples_per_prompt", "3")], "samples_per_prompt must be 2"),
+    ([("model.dtype", "float16")], "model.dtype"),
+    ([("rebel.minibatches", "3")], "divisible"),
+    ([("optim", "1")], "is a section"),
+])
+def test_bad_overrides_name_the_key(pairs, match):
+    with pytest.raises(ValueError, match=match):
+        C.apply_overrides(C.default(), pairs)
+
+
+def test_cli_parses_preset_and_overrides():
+    cfg = parse_args(["--preset", "tldr_pythia_1b4", "--optim.lr", "1e-6", "--rebel.eta", "0.5"])
+    assert cfg.optim.lr == 1e-6 and cfg.rebel.eta == 0.5 and cfg.rebel.prompts_per_iteration == 512
+    with pytest.raises(SystemExit):
+        parse_args(["--optim.lr"])  # a key without a value
