@@ -30,9 +30,11 @@ def _rows(hidden: Tensor) -> Tensor:
     return h2 if h2.stride(-1) == 1 else h2.contiguous()
 
 
-def _scatter(values: Tensor, idx: Tensor, nt: int, dtype) -> Tensor:
-    out = _alloc.empty((nt,), dtype=dtype, device=values.device).zero_()
-    return out.index_copy_(0, idx, values.to(dtype))
+def _scatter(values: Tensor, idx: Tensor, shape, dtype) -> Tensor:
+    """A dense tensor of `shape` (not a view: FSDP2 hooks module outputs) with `values` at flat `idx`, 0 elsewhere."""
+    out = _alloc.empty(shape, dtype=dtype, device=values.device).zero_()
+    out.view(-1).index_copy_(0, idx, values.to(dtype))
+    return out
 
 
 def _out_dtype(hidden: Tensor):
@@ -46,23 +48,22 @@ def token_logprobs(
 ) -> tuple[Tensor, Tensor, Tensor]:
     y, valid, idx, pos = _compact(labels, ignore_index)
     _validate.label_values(y, valid, weight.shape[0])
-    h2, nt = _rows(hidden), y.numel()
+    h2, shape = _rows(hidden), labels.shape
     if backend == "triton":
         from . import triton_kernels
 
         logp, lse, ent = triton_kernels.token_logprobs_fwd(
-            h2, weight.contiguous(), None if bias is None else bias.contiguous(), y, idx, pos, temperature, return_entropy
+            h2, weight.contiguous(), None if bias is None else bias.contiguous(), y, idx, pos, temperature,
+            return_entropy, out_shape=shape,
         )
     else:
         logp_c, lse_c, ent_c = torch_impl.token_logprobs_fwd(
             h2.index_select(0, idx), weight, bias, y.index_select(0, idx), temperature, return_entropy
         )
         dtype = _out_dtype(hidden)
-        logp, lse = _scatter(logp_c, idx, nt, dtype), _scatter(lse_c, idx, nt, dtype)
-        ent = _scatter(ent_c, idx, nt, dtype) if return_entropy else None
-    shape = labels.shape
-    ent = ent.view(shape) if ent is not None else hidden.new_empty(0, dtype=logp.dtype)
-    return logp.view(shape), lse.view(shape), ent
+        logp, lse = _scatter(logp_c, idx, shape, dtype), _scatter(lse_c, idx, shape, dtype)
+        ent = _scatter(ent_c, idx, shape, dtype) if return_entropy else None
+    return logp, lse, ent if ent is not None else hidden.new_empty(0, dtype=logp.dtype)
 
 
 @token_logprobs.register_fake

@@ -231,10 +231,11 @@ def _fwd_combine_kernel(
         tl.store(ent_ptr + offs, tl.where(valid, lse - sz / s, 0.0), mask=inb)
 
 
-def token_logprobs_fwd(h2, weight, bias, y, idx, pos, temperature: float, with_entropy: bool, config=None):
+def token_logprobs_fwd(h2, weight, bias, y, idx, pos, temperature: float, with_entropy: bool, config=None,
+                       out_shape=None):
     """h2 [NT, H] (row-contiguous), y [NT], idx [N] valid flat rows, pos [NT] compact index or -1.
 
-    Returns dense float32 (logp [NT], lse [NT], entropy [NT] or None).
+    Returns dense float32 (logp, lse, entropy or None), each of `out_shape` (default [NT]), contiguous.
     """
     nt, hdim = h2.shape
     vocab = weight.shape[0]
@@ -253,9 +254,10 @@ def token_logprobs_fwd(h2, weight, bias, y, idx, pos, temperature: float, with_e
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             DOT_PRECISION=_dot_precision(h2.dtype), UPCAST=_upcast_dot(h2.dtype), USE_TMA=_use_tma(weight, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    logp = _alloc.empty((nt,), dtype=torch.float32, device=dev)
-    lse = _alloc.empty((nt,), dtype=torch.float32, device=dev)
-    ent = _alloc.empty((nt,), dtype=torch.float32, device=dev) if with_entropy else logp
+    shape = (nt,) if out_shape is None else out_shape
+    logp = _alloc.empty(shape, dtype=torch.float32, device=dev)
+    lse = _alloc.empty(shape, dtype=torch.float32, device=dev)
+    ent = _alloc.empty(shape, dtype=torch.float32, device=dev) if with_entropy else logp
     block = 256
     _fwd_combine_kernel[(triton.cdiv(nt, block),)](
         parts[0], parts[1], parts[2], parts[3], pos, logp, lse, ent,
