@@ -1,6 +1,6 @@
 """Typed, keyword-only configuration of a training run, named presets, and `--section.key value` overrides.
 
-    python engine/train.py --preset tldr_pythia_1b4 --optim.lr 1e-6 --rebel.eta 0.5
+    python engine/train.py --preset tldr_pythia_1b4 --optim.lr 1e-6 --algorithm.eta 0.5
 
 A preset is a Python function returning a TrainConfig; overrides are applied on top, each checked
 against the dataclass field's type; an unknown key or a bad value is a ValueError naming it.
@@ -15,6 +15,7 @@ import types
 import typing
 from typing import Callable
 
+from engine.algorithms import RLOO, Algorithm, IterativeDPO, Rebel, Reinforce
 from engine.generate import SamplingConfig
 
 
@@ -47,7 +48,8 @@ class RewardConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class RebelConfig:
-    eta: float = 1.0
+    """The iteration's batch: shared by REBEL and the comparison algorithms."""
+
     kl_coef: float = 0.05
     prompts_per_iteration: int = 64
     num_epochs: int = 4  # passes over each iteration's batch
@@ -89,6 +91,7 @@ class TrainConfig:
         default_factory=lambda: SamplingConfig(max_new_tokens=8, temperature=1.0, samples_per_prompt=2))
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     rebel: RebelConfig = dataclasses.field(default_factory=RebelConfig)
+    algorithm: Algorithm = dataclasses.field(default_factory=Rebel)  # the loss; presets construct others
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
@@ -99,7 +102,7 @@ class TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Cross-field checks; each error names the key and the value."""
-    positive = {"rebel.eta": cfg.rebel.eta, "rebel.prompts_per_iteration": cfg.rebel.prompts_per_iteration,
+    positive = {"rebel.prompts_per_iteration": cfg.rebel.prompts_per_iteration,
                 "rebel.num_epochs": cfg.rebel.num_epochs, "rebel.minibatches": cfg.rebel.minibatches,
                 "rebel.micro_batch_pairs": cfg.rebel.micro_batch_pairs, "optim.iterations": cfg.optim.iterations,
                 "optim.lr": cfg.optim.lr, "optim.adam_eps": cfg.optim.adam_eps, "checkpoint.keep": cfg.checkpoint.keep,
@@ -119,8 +122,12 @@ def validate(cfg: TrainConfig) -> None:
                          f"rebel.minibatches ({cfg.rebel.minibatches})")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {cfg.model.dtype!r}")
-    if cfg.generation.samples_per_prompt != 2:
-        raise ValueError(f"generation.samples_per_prompt must be 2 for REBEL, got {cfg.generation.samples_per_prompt}")
+    k = cfg.algorithm.samples_per_prompt
+    if cfg.generation.samples_per_prompt != k:
+        raise ValueError(f"generation.samples_per_prompt must be {k} for {type(cfg.algorithm).__name__}, "
+                         f"got {cfg.generation.samples_per_prompt}")
+    if cfg.data.partner_column is not None and not isinstance(cfg.algorithm, Rebel):
+        raise ValueError(f"data.partner_column (hybrid mode) needs the REBEL algorithm, got {type(cfg.algorithm).__name__}")
     if cfg.reward.model and cfg.reward.function:
         raise ValueError("set at most one of reward.model and reward.function")
     if cfg.generation.greedy:
@@ -143,7 +150,7 @@ def tldr_pythia(size: str) -> TrainConfig:
         data=DataConfig(prompts="trl-lib/tldr", prompt_column="prompt", max_prompt_tokens=512),
         generation=SamplingConfig(max_new_tokens=53, temperature=0.7, samples_per_prompt=2),
         reward=RewardConfig(model=f"vwxyzjn/EleutherAI_pythia-{size}-deduped__reward__tldr", missing_eos_penalty=-1.0),
-        rebel=RebelConfig(eta=1.0, kl_coef=0.05, prompts_per_iteration=512, num_epochs=4, minibatches=1,
+        rebel=RebelConfig(kl_coef=0.05, prompts_per_iteration=512, num_epochs=4, minibatches=1,
                           micro_batch_pairs=8),
         optim=OptimConfig(iterations=228, lr=3e-6, adam_eps=1e-5),
     )
@@ -158,7 +165,7 @@ def ultrafeedback_llama3_8b() -> TrainConfig:
                         chat_template=True, max_prompt_tokens=1024),
         generation=SamplingConfig(max_new_tokens=1024, temperature=0.5, samples_per_prompt=2),
         reward=RewardConfig(model="RLHFlow/ArmoRM-Llama3-8B-v0.1", missing_eos_penalty=-4.0, batch_size=8),
-        rebel=RebelConfig(eta=1.0, kl_coef=0.0, prompts_per_iteration=32, num_epochs=1, micro_batch_pairs=2),
+        rebel=RebelConfig(kl_coef=0.0, prompts_per_iteration=32, num_epochs=1, micro_batch_pairs=2),
         optim=OptimConfig(iterations=1000, lr=1e-7),
     )
 
@@ -176,6 +183,16 @@ def pythia_1b4_random() -> TrainConfig:
     )
 
 
+def counting_with(algorithm: Algorithm, *, epochs: int) -> TrainConfig:
+    """The embedded default's task and budget with another algorithm (the paper's comparison)."""
+    base = default()
+    return dataclasses.replace(
+        base, run_dir=f"runs/counting_{type(algorithm).__name__.lower()}{algorithm.samples_per_prompt}",
+        algorithm=algorithm,
+        generation=dataclasses.replace(base.generation, samples_per_prompt=algorithm.samples_per_prompt),
+        rebel=dataclasses.replace(base.rebel, num_epochs=epochs))
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "pythia_1b4_random": pythia_1b4_random,
     "default": default,
@@ -183,7 +200,12 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "tldr_pythia_2b8": lambda: tldr_pythia("2.8b"),
     "tldr_pythia_6b9": lambda: tldr_pythia("6.9b"),
     "ultrafeedback_llama3_8b": ultrafeedback_llama3_8b,
+    "counting_reinforce": lambda: counting_with(Reinforce(samples_per_prompt=2), epochs=1),
+    "counting_rloo2": lambda: counting_with(RLOO(samples_per_prompt=2), epochs=1),
+    "counting_rloo4": lambda: counting_with(RLOO(samples_per_prompt=4), epochs=1),
+    "counting_iterative_dpo": lambda: counting_with(IterativeDPO(), epochs=4),
 }
+ALGORITHMS = {cls.__name__: cls for cls in (Rebel, Reinforce, RLOO, IterativeDPO)}  # for from_json
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +259,9 @@ def _suggest(word: str, options, prefix: str = "") -> str:
 
 
 def to_json(cfg: TrainConfig) -> str:
-    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+    raw = dataclasses.asdict(cfg)
+    raw["algorithm"]["class"] = type(cfg.algorithm).__name__
+    return json.dumps(raw, indent=2, sort_keys=True)
 
 
 def from_json(text: str) -> TrainConfig:
@@ -245,7 +269,10 @@ def from_json(text: str) -> TrainConfig:
     sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
     kwargs = {}
     for name, value in raw.items():
-        if isinstance(value, dict):
+        if name == "algorithm":
+            value = dict(value)
+            kwargs[name] = ALGORITHMS[value.pop("class")](**value)
+        elif isinstance(value, dict):
             cls = SamplingConfig if name == "generation" else type(getattr(TrainConfig(), name))
             kwargs[name] = cls(**value)
         elif name in sections:

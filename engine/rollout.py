@@ -51,23 +51,27 @@ class Batch:
     scores: torch.Tensor | None = None  # [2B] after the missing-EOS penalty
     rewards: torch.Tensor | None = None  # [2B] scores - kl_coef * KL
 
+    samples: int = 2  # responses per prompt: row s * B + i is sample s of prompt i
+
     @property
-    def pairs(self) -> int:
-        return self.labels.shape[0] // 2
+    def groups(self) -> int:
+        """B, the number of prompts (with two samples: pairs)."""
+        return self.labels.shape[0] // self.samples
 
-    def rows(self, pair_ids: torch.Tensor) -> torch.Tensor:
-        """Row indices of a subset of pairs, in the (i, B + i) layout of a smaller batch."""
-        return torch.cat([pair_ids, pair_ids + self.pairs])
+    def rows(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Row indices of all samples of some prompts, in the sample-major layout of a smaller batch
+        (with two samples: pair i = rows (i, B' + i))."""
+        return torch.cat([prompt_ids + s * self.groups for s in range(self.samples)])
 
 
-def from_rollout(ro: Rollout, prompts: list[str], tokenizer) -> Batch:
+def from_rollout(ro: Rollout, prompts: list[str], tokenizer, samples: int = 2) -> Batch:
     labels = torch.where(ro.response_mask, ro.response_ids, IGNORE)
     responses = tokenizer.batch_decode(torch.where(ro.response_mask, ro.response_ids, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
     mask = torch.cat([ro.prompt_mask, ro.response_mask.to(ro.prompt_mask.dtype)], dim=1)
     return Batch(input_ids=ro.sequences, attention_mask=mask, labels=labels, finished=ro.finished,
                  sampler_logprobs=ro.logprobs, sampled=torch.ones_like(ro.finished), prompts=list(prompts),
-                 responses=responses)
+                 responses=responses, samples=samples)
 
 
 def with_offline_partners(ro: Rollout, partners: list[str], tokenizer, eos_ids: list[int]) -> Rollout:
@@ -95,11 +99,11 @@ def apply_eos_penalty(raw: torch.Tensor, finished: torch.Tensor, penalty: float)
 
 @torch.no_grad()
 def sequence_logprobs(model: PolicyLogprobs, batch: Batch, *, micro_pairs: int, temperature: float) -> torch.Tensor:
-    """Per-token log-probabilities [2B, N] of the batch's responses, by micro-batches of pairs in order
+    """Per-token log-probabilities [kB, N] of the batch's responses, by micro-batches of prompts in order
     (the first training epoch walks the same micro-batches, so its ratio starts at exactly 0)."""
     out = torch.zeros(batch.labels.shape, dtype=torch.float32, device=batch.labels.device)
-    for pair_ids in torch.arange(batch.pairs, device=batch.labels.device).split(micro_pairs):
-        rows = batch.rows(pair_ids)
+    for prompt_ids in torch.arange(batch.groups, device=batch.labels.device).split(micro_pairs):
+        rows = batch.rows(prompt_ids)
         out[rows] = model(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows], temperature).float()
     return out
 

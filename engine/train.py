@@ -31,7 +31,7 @@ from engine.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
 from engine.generate import Sampler, eos_token_ids
 from engine.metrics import MetricsLogger, PhaseTimer, Progress
 from engine.tasks import BUILTIN_MODELS
-from rebel_kernels import rebel_loss_from_logprobs
+from engine.algorithms import AlgoBatch
 
 log = logging.getLogger("rebel")
 
@@ -110,10 +110,11 @@ def collect(cfg, d, sampler, prompt_set, order, tokenizer, reward_fn, policy_lp,
     if hybrid:
         partners = [prompt_set.partners[i] for i in chosen]
         ro = rollout.with_offline_partners(ro, partners, tokenizer, sampler.eos_ids.tolist())
-    texts = [prompt_set.prompts[i] for i in chosen] * 2
-    batch = rollout.from_rollout(ro, texts, tokenizer)
+    k = cfg.generation.samples_per_prompt
+    texts = [prompt_set.prompts[i] for i in chosen] * k
+    batch = rollout.from_rollout(ro, texts, tokenizer, samples=k)
     if hybrid:
-        batch.sampled[batch.pairs:] = False
+        batch.sampled[batch.groups:] = False
     with timer("score"):
         raw = rewards.score(reward_fn, batch.prompts, batch.responses, d.device)
         batch.scores = rollout.apply_eos_penalty(raw, batch.finished, cfg.reward.missing_eos_penalty)
@@ -150,13 +151,14 @@ def _global_mean_std(x: torch.Tensor, d) -> tuple[float, float]:
 
 
 def update(cfg, d, policy_lp, batch, opt, sched, train_gen, counters) -> dict:
-    """num_epochs passes of minibatch AdamW steps on the REBEL loss; pairs stay in one micro-batch."""
-    pairs = batch.pairs
-    per_mb = pairs // cfg.rebel.minibatches
-    losses = []
+    """num_epochs passes of minibatch AdamW steps on the algorithm's loss (REBEL by default); all
+    samples of a prompt stay in one micro-batch (the REBEL loss couples a pair)."""
+    groups = batch.groups
+    per_mb = groups // cfg.rebel.minibatches
+    losses, extra = [], {}
     params = [p for p in policy_lp.parameters() if p.requires_grad]
     for epoch in range(cfg.rebel.num_epochs):
-        order = torch.arange(pairs) if epoch == 0 else torch.randperm(pairs, generator=train_gen)
+        order = torch.arange(groups) if epoch == 0 else torch.randperm(groups, generator=train_gen)
         for mb in order.to(d.device).split(per_mb):
             opt.zero_grad(set_to_none=True)
             total, bad = 0.0, torch.zeros((), device=d.device)
@@ -164,16 +166,18 @@ def update(cfg, d, policy_lp, batch, opt, sched, train_gen, counters) -> dict:
                 rows = batch.rows(micro)
                 logp = policy_lp(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows],
                                  cfg.generation.temperature)
-                loss = rebel_loss_from_logprobs(logp, batch.labels[rows], batch.old_logprobs[rows],
-                                                batch.rewards[rows], eta=cfg.rebel.eta, reduction="sum")
-                # Each rank divides by its own pair count; FSDP2 then averages gradients over ranks,
-                # which makes the sum over all ranks' pairs divided by the global pair count.
-                (loss / len(mb)).backward()
+                inputs = AlgoBatch(labels=batch.labels[rows], old_logprobs=batch.old_logprobs[rows],
+                                   ref_logprobs=batch.ref_logprobs[rows], scores=batch.scores[rows],
+                                   kl_coef=cfg.rebel.kl_coef)
+                loss, extra = cfg.algorithm.loss(logp, inputs)  # mean over the micro-batch's prompts
+                # Weighted by the micro-batch's share of this rank's minibatch; FSDP2 then averages
+                # gradients over ranks: the mean over all ranks' prompts.
+                (loss * (len(micro) / len(mb))).backward()
                 bad += (~torch.isfinite(loss)).float()
-                total += loss.detach()
+                total += loss.detach() * len(micro)
             bad = parallel.all_reduce(bad, d)
             if bad.item() > 0:  # never let a non-finite loss touch the weights
-                log.warning("non-finite REBEL loss: minibatch skipped")
+                log.warning("non-finite loss: minibatch skipped")
                 counters["skipped_batches"] += 1
                 opt.zero_grad(set_to_none=True)
                 continue
@@ -183,8 +187,10 @@ def update(cfg, d, policy_lp, batch, opt, sched, train_gen, counters) -> dict:
             sched.step()
             losses.append(parallel.all_reduce(torch.as_tensor(total, device=d.device).float(), d).item()
                           / (len(mb) * d.world))
-    return {"loss/first": losses[0] if losses else math.nan, "loss/last": losses[-1] if losses else math.nan,
-            "lr": sched.get_last_lr()[0]}
+    out = {f"algorithm/{key}": value for key, value in extra.items() if isinstance(value, (int, float))}
+    out.update({"loss/first": losses[0] if losses else math.nan, "loss/last": losses[-1] if losses else math.nan,
+                "lr": sched.get_last_lr()[0]})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

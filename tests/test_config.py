@@ -24,7 +24,8 @@ def test_overrides_are_typed():
     ([("optm.lr", "1")], "unknown config key --optm.lr"),
     ([("optim.lr", "fast")], "--optim.lr: cannot read 'fast' as float"),
     ([("optim.lr", "-1")], "optim.lr must be > 0"),
-    ([("rebel.eta", "0")], "rebel.eta must be > 0"),
+    ([("algorithm.eta", "0")], "eta must be finite and > 0"),
+    ([("algorithm.samples_per_prompt", "4")], "Rebel needs samples_per_prompt == 2"),
     ([("logging.plots", "maybe")], "--logging.plots"),
     ([("generation.temperature", "0")], "temperature must be > 0"),
     ([("generation.samples_per_prompt", "3")], "samples_per_prompt must be 2"),
@@ -38,7 +39,7 @@ def test_bad_overrides_name_the_key(pairs, match):
 
 
 def test_cli_parses_preset_and_overrides():
-    cfg = parse_args(["--preset", "tldr_pythia_1b4", "--optim.lr", "1e-6", "--rebel.eta", "0.5"])
-    assert cfg.optim.lr == 1e-6 and cfg.rebel.eta == 0.5 and cfg.rebel.prompts_per_iteration == 512
+    cfg = parse_args(["--preset", "tldr_pythia_1b4", "--optim.lr", "1e-6", "--algorithm.eta", "0.5"])
+    assert cfg.optim.lr == 1e-6 and cfg.algorithm.eta == 0.5 and cfg.rebel.prompts_per_iteration == 512
     with pytest.raises(SystemExit):
         parse_args(["--optim.lr"])  # a key without a value

@@ -91,12 +91,12 @@ def test_one_iteration_matches_plain_pytorch(tmp_path):
     out = update(one_epoch, d, lp, batch, opt, sched, torch.Generator().manual_seed(0), {"skipped_batches": 0})
     ref_opt = torch.optim.AdamW(twin.parameters(), lr=cfg.optim.lr, eps=cfg.optim.adam_eps, weight_decay=0.0)
     loss = reference_rebel_loss_from_logprobs(_plain_logprobs(twin, batch, T), batch.labels, batch.old_logprobs,
-                                              batch.rewards, eta=cfg.rebel.eta)
+                                              batch.rewards, eta=cfg.algorithm.eta)
     loss.backward()
     ref_opt.step()
     assert out["loss/first"] == pytest.approx(loss.item(), rel=1e-5)
     # the first minibatch's ratio is exactly 0: its loss is mean((r_i - r_{B+i})^2)
-    b = batch.pairs
+    b = batch.groups
     assert out["loss/first"] == pytest.approx(((batch.rewards[:b] - batch.rewards[b:]) ** 2).mean().item(), rel=1e-6)
     # gradients agree (parameters are not compared: Adam's first step turns any rounding-level
     # gradient, e.g. 1e-12 against an exact 0, into a full learning-rate step)
@@ -202,7 +202,7 @@ def test_hybrid_mode_reads_partners_from_the_dataset(tmp_path):
                            rewards.build_reward(cfg.reward, default=None, device=d.device),
                            rollout.PolicyLogprobs(policy), rollout.PolicyLogprobs(reference),
                            torch.Generator().manual_seed(0), PhaseTimer())
-    b = batch.pairs
+    b = batch.groups
     assert b == 8 and batch.sampled[:b].all() and not batch.sampled[b:].any()
     assert all(len(r) == 4 for r in batch.responses[b:])  # the dataset's answers
     assert (batch.scores[b:] == 1.0).all()  # a perfect count, EOS included
@@ -272,3 +272,17 @@ def test_top_layers_only_and_activation_checkpointing(tmp_path):
                     optim=C.OptimConfig(iterations=1))
     stats = train(cfg)
     assert math.isfinite(stats["loss/last"])
+
+
+@pytest.mark.parametrize("preset", ["counting_reinforce", "counting_rloo2", "counting_rloo4", "counting_iterative_dpo"])
+def test_comparison_algorithms_run_in_the_loop(preset, tmp_path):
+    """The paper's peers train through the same loop: k samples per prompt, their own loss."""
+    cfg = C.PRESETS[preset]()
+    cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / preset), optim=C.OptimConfig(iterations=2),
+                              rebel=dataclasses.replace(cfg.rebel, prompts_per_iteration=8, micro_batch_pairs=4),
+                              logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
+                              checkpoint=C.CheckpointConfig(every=0, export_hf=False))
+    stats = train(cfg)
+    assert math.isfinite(stats["loss/last"]) and math.isfinite(stats["reward/mean"])
+    rows = _metrics(tmp_path / preset)
+    assert len(rows) == 2
