@@ -1,0 +1,123 @@
+"""The paper's comparison (its Table 1 / Figure 5) on the built-in task: every algorithm through the
+same loop, fused op and generation, with the same budget of reward queries per iteration.
+
+    python engine/compare.py                      # writes runs/compare/{table.md, results.json, reward_vs_kl.png}
+    python engine/compare.py --run_dir out --iterations 50
+
+Each algorithm sees prompts_per_iteration x samples_per_prompt = 128 reward queries per iteration
+(RLOO with k = 4 gets 32 prompts). Reported per algorithm: the mean reward and score of the last 10%
+of iterations (with their standard error over those iterations), the KL to the reference, wall time
+(process start included) and peak memory (RSS on CPU, allocated on GPU); each entry runs in its own
+process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine import config as C
+from engine.metrics import read_metrics
+
+QUERIES_PER_ITERATION = 128
+ENTRIES = ["default", "counting_reinforce", "counting_rloo2", "counting_rloo4", "counting_iterative_dpo"]
+
+
+def overrides(preset: str, run_dir: str, iterations: int) -> list[str]:
+    """The train.py command line of one entry: same task, iterations and reward queries per iteration."""
+    k = C.PRESETS[preset]().algorithm.samples_per_prompt
+    return ["--preset", preset, "--run_dir", os.path.join(run_dir, preset),
+            "--rebel.prompts_per_iteration", str(QUERIES_PER_ITERATION // k), "--optim.iterations", str(iterations),
+            "--logging.tensorboard", "false", "--logging.progress", "false", "--checkpoint.every", "0",
+            "--checkpoint.export_hf", "false"]
+
+
+def run(preset: str, run_dir: str, iterations: int) -> tuple[C.TrainConfig, float]:
+    """One entry in its own process, so that its peak memory is its own."""
+    args = overrides(preset, run_dir, iterations)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), *args],
+                   check=True, stdout=subprocess.DEVNULL)
+    from engine.train import parse_args  # noqa: PLC0415
+
+    return parse_args(args), time.perf_counter() - t0
+
+
+def summarize(preset: str, cfg: C.TrainConfig, wall_s: float) -> dict:
+    rows = read_metrics(cfg.run_dir)
+    tail = rows[-max(1, len(rows) // 10):]
+
+    def mean_se(key):
+        xs = [r[key] for r in tail if r.get(key) is not None]
+        m = sum(xs) / len(xs)
+        sd = math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1))
+        return m, sd / math.sqrt(len(xs))
+
+    reward, reward_se = mean_se("reward/mean")
+    score, score_se = mean_se("score/mean")
+    return dict(preset=preset, algorithm=type(cfg.algorithm).__name__, k=cfg.algorithm.samples_per_prompt,
+                epochs=cfg.rebel.num_epochs, iterations=len(rows), first_score=rows[0]["score/mean"],
+                reward=reward, reward_se=reward_se, score=score, score_se=score_se,
+                kl=mean_se("kl/mean")[0], wall_s=wall_s, peak_gib=max(r["memory/peak_gib"] for r in rows))
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| algorithm | k | epochs | score (last 10%) | reward (score - KL term) | KL | wall s | peak GiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['algorithm']} | {r['k']} | {r['epochs']} | {r['score']:.3f} +- {r['score_se']:.3f} | "
+                     f"{r['reward']:.3f} +- {r['reward_se']:.3f} | {r['kl']:.2f} | {r['wall_s']:.0f} | "
+                     f"{r['peak_gib']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for r in results:
+        ax.scatter(r["kl"], r["score"], s=40)
+        ax.annotate(f"{r['algorithm']} k={r['k']}", (r["kl"], r["score"]), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xlabel("KL to the reference (nats, last 10% of iterations)")
+    ax.set_ylabel("task score (last 10% of iterations)")
+    ax.set_title("Counting task: score vs KL, equal reward queries")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run_dir", default="runs/compare")
+    parser.add_argument("--iterations", type=int, default=C.default().optim.iterations)
+    parser.add_argument("--only", nargs="*", choices=ENTRIES, default=ENTRIES)
+    args = parser.parse_args(argv)
+    os.makedirs(args.run_dir, exist_ok=True)
+    results = []
+    for preset in args.only:
+        cfg, wall_s = run(preset, args.run_dir, args.iterations)
+        results.append(summarize(preset, cfg, wall_s))
+        print(f"{preset}: score {results[-1]['score']:.3f}, KL {results[-1]['kl']:.2f}", flush=True)
+    with open(os.path.join(args.run_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.run_dir, "table.md"), "w") as f:
+        f.write(table(results))
+    plot(results, os.path.join(args.run_dir, "reward_vs_kl.png"))
+    print(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
