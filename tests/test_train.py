@@ -286,3 +286,14 @@ def test_comparison_algorithms_run_in_the_loop(preset, tmp_path):
     assert math.isfinite(stats["loss/last"]) and math.isfinite(stats["reward/mean"])
     rows = _metrics(tmp_path / preset)
     assert len(rows) == 2
+
+
+def test_comparison_command_writes_table_and_plot(tmp_path):
+    from engine import compare
+
+    results = compare.main(["--run_dir", str(tmp_path), "--iterations", "2", "--only", "default", "counting_rloo4"])
+    assert [r["algorithm"] for r in results] == ["Rebel", "RLOO"] and results[1]["k"] == 4
+    assert (tmp_path / "table.md").read_text().count("\n") == 4
+    assert (tmp_path / "reward_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # equal reward queries per iteration: RLOO k=4 gets half the prompts
+    assert json.loads((tmp_path / "counting_rloo4" / "config.json").read_text())["rebel"]["prompts_per_iteration"] == 32
