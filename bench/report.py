@@ -103,11 +103,23 @@ def _head(path: str, env: dict) -> str:
             f"{f'; bf16 matmul peak {peak:.0f} TFLOP/s (measured)' if peak else ''}\n")
 
 
+def plain_table(rows: list[dict]) -> str:
+    """Any other suite (e.g. engine/compare.py's): one column per key, numbers to 3 decimals."""
+    keys = list(rows[0]) if rows else []
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def report(path: str) -> str:
     with open(path) as f:
         data = json.load(f)
+    if not isinstance(data, dict) or "rows" not in data:
+        raise ValueError(f"{path}: not a results file (expected an object with 'rows')")
     suite = data.get("suite", "loss")
-    table = generate_table(data["rows"]) if suite == "generate" else loss_table(data["rows"])
+    tables = {"generate": generate_table, "loss": loss_table}
+    table = tables.get(suite, plain_table)(data["rows"])
     return _head(path, data.get("environment", {})) + f"\n### {suite}\n\n" + table + "\n"
 
 
@@ -123,7 +135,7 @@ def plots(paths: list[str], out_dir: str) -> list[str]:
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        if data.get("suite", "loss") != "loss":
+        if not isinstance(data, dict) or data.get("suite", "loss") != "loss":
             continue
         for r in data["rows"]:
             if r.get("status") == "ok" and r.get("p50_s") is not None:

@@ -26,6 +26,18 @@ if __package__ in (None, ""):
 from engine import config as C
 from engine.metrics import read_metrics
 
+
+def environment() -> dict:
+    import platform  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
+    return {"device": device, "torch": torch.__version__, "git_commit": commit or None,
+            "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
+
 QUERIES_PER_ITERATION = 128
 ENTRIES = ["default", "counting_reinforce", "counting_rloo2", "counting_rloo4", "counting_iterative_dpo"]
 
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results.append(summarize(preset, cfg, wall_s))
         print(f"{preset}: score {results[-1]['score']:.3f}, KL {results[-1]['kl']:.2f}", flush=True)
     with open(os.path.join(args.run_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump({"suite": "compare", "environment": environment(), "rows": results}, f, indent=1)
     with open(os.path.join(args.run_dir, "table.md"), "w") as f:
         f.write(table(results))
     plot(results, os.path.join(args.run_dir, "reward_vs_kl.png"))

@@ -228,6 +228,9 @@ def _fsdp_worker(rank, world, port, run_dir, out_dir):
                     "resumed_params": resumed_params, "full": full}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # Leave without interpreter teardown: gloo's background threads can abort the process there
+    # ("terminate called without an active exception", seen once in CI) after all work succeeded.
+    os._exit(0)
 
 
 def _free_port() -> int:
