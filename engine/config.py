@@ -54,7 +54,7 @@ class RebelConfig:
     prompts_per_iteration: int = 64
     num_epochs: int = 4  # passes over each iteration's batch
     minibatches: int = 1  # optimizer steps per epoch (the paper: 1, i.e. accumulate the whole batch)
-    micro_batch_pairs: int = 16  # pairs per forward/backward; gradients accumulate across micro-batches
+    micro_batch_pairs: int = 16  # prompts (pairs, for REBEL) per forward/backward, all their samples together; gradients accumulate
 
 
 @dataclasses.dataclass(kw_only=True)
