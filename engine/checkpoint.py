@@ -287,11 +287,12 @@ def _hf_keys(state_dict: dict, prefix: str) -> dict:
             for key, value in state_dict.items() if key.startswith(prefix)}
 
 
-def export_hf(model: torch.nn.Module, tokenizer: Any | None, path: str) -> None:
+def export_hf(model: torch.nn.Module, tokenizer: Any | None, path: str, save: Any | None = None) -> None:
     """save_pretrained of the full model (and tokenizer) into `path`; a collective under FSDP2, rank 0 writes.
 
     `model` is a Hugging Face model or a wrapper holding one (e.g. the FSDP root around it); its weights
-    are gathered from the shards and written under the HF model's own names."""
+    are gathered from the shards and written under the HF model's own names. `save(directory, state_dict)`
+    replaces the model's save_pretrained (LoRA: write the adapter only, engine/lora.py)."""
     prefix, hf_model = _hf_submodule(model)
     if _is_sharded(model):
         # Gathers every shard; with cpu_offload only rank 0 receives the tensors (on CPU), others get {}.
@@ -305,7 +306,7 @@ def export_hf(model: torch.nn.Module, tokenizer: Any | None, path: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         # Tied weights (embeddings = LM head) appear under both names; save_pretrained drops the tied copy.
-        hf_model.save_pretrained(tmp, state_dict=_hf_keys(state_dict, prefix))
+        (save or (lambda out, sd: hf_model.save_pretrained(out, state_dict=sd)))(tmp, _hf_keys(state_dict, prefix))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _replace_dir(tmp, path)

@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Callable
 
-from engine.algorithms import RLOO, Algorithm, IterativeDPO, Rebel, Reinforce
+from engine.algorithms import DPO, RLOO, Algorithm, IterativeDPO, Rebel, RebelPreference, Reinforce
 from engine.generate import SamplingConfig
 
 
@@ -26,6 +26,11 @@ class ModelConfig:
     dtype: str = "float32"  # parameter dtype of the policy: float32 | bfloat16
     train_top_layers: int = 0  # > 0: train only the top k decoder layers, the final norm and the LM head
     activation_checkpointing: bool = False
+    # LoRA through peft (0: full fine-tuning). The reference is the same model with the adapter
+    # disabled, so no second copy of the weights is held (model.reference must stay None).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_target_modules: str = "all-linear"  # peft's target_modules: "all-linear" or comma-separated names
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -34,6 +39,8 @@ class DataConfig:
     split: str = "train"
     prompt_column: str = "prompt"
     partner_column: str | None = None  # hybrid REBEL: y' read from this column instead of sampled
+    chosen_column: str | None = None  # offline preference data (DPO): the preferred response
+    rejected_column: str | None = None  # ... and the dispreferred one
     chat_template: bool = False  # wrap each prompt with the policy tokenizer's chat template
     max_prompt_tokens: int = 512  # longer prompts are skipped (and counted)
 
@@ -44,6 +51,12 @@ class RewardConfig:
     function: str | None = None  # "package.module:function" scoring (prompts, responses) -> list[float]
     missing_eos_penalty: float = -1.0  # replaces the score of a response that never emitted EOS
     batch_size: int = 32
+    # REBEL from preferences: P(y > y' | x) from a pairwise sequence-classification model (one logit,
+    # P = sigmoid, averaged over both orders) reading `preference_template`, or from a Python function
+    # "package.module:function" (prompts, responses, other_responses) -> probabilities.
+    preference_model: str | None = None
+    preference_function: str | None = None
+    preference_template: str = "{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -130,8 +143,46 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"data.partner_column (hybrid mode) needs the REBEL algorithm, got {type(cfg.algorithm).__name__}")
     if cfg.reward.model and cfg.reward.function:
         raise ValueError("set at most one of reward.model and reward.function")
+    if cfg.reward.preference_model and cfg.reward.preference_function:
+        raise ValueError("set at most one of reward.preference_model and reward.preference_function")
+    _validate_feedback(cfg)
+    _validate_lora(cfg.model)
     if cfg.generation.greedy:
         raise ValueError("generation.temperature must be > 0: REBEL needs sampled responses")
+
+
+def _validate_feedback(cfg: TrainConfig) -> None:
+    """The data columns and feedback the algorithm reads are configured, and nothing it ignores."""
+    algo, name = cfg.algorithm, type(cfg.algorithm).__name__
+    pair_columns = (cfg.data.chosen_column, cfg.data.rejected_column)
+    builtin = cfg.data.prompts.startswith("builtin:")
+    if algo.offline and None in pair_columns:
+        raise ValueError(f"{name} trains on preference data: set data.chosen_column and data.rejected_column "
+                         f"(got {pair_columns[0]!r}, {pair_columns[1]!r})")
+    if not algo.offline and any(c is not None for c in pair_columns):
+        raise ValueError(f"data.chosen_column / data.rejected_column are read by offline algorithms (DPO), "
+                         f"not by {name}")
+    preference = cfg.reward.preference_model or cfg.reward.preference_function
+    if algo.needs_preferences and not preference and not builtin:
+        raise ValueError(f"{name} needs a preference model: set reward.preference_model or reward.preference_function")
+    if preference and not algo.needs_preferences:
+        raise ValueError(f"reward.preference_model / reward.preference_function are read by RebelPreference, not {name}")
+
+
+def _validate_lora(model: ModelConfig) -> None:
+    if isinstance(model.lora_rank, bool) or not isinstance(model.lora_rank, int) or model.lora_rank < 0:
+        raise ValueError(f"model.lora_rank must be an int >= 0, got {model.lora_rank!r}")
+    if model.lora_rank == 0:
+        return
+    if not (math.isfinite(model.lora_alpha) and model.lora_alpha > 0):
+        raise ValueError(f"model.lora_alpha must be > 0, got {model.lora_alpha!r}")
+    if model.reference is not None:
+        raise ValueError(f"model.reference={model.reference!r} with LoRA: the reference is the policy with its "
+                         "adapter disabled; leave model.reference unset")
+    if model.train_top_layers:
+        raise ValueError("model.train_top_layers and model.lora_rank cannot be combined: LoRA trains the adapters only")
+    if not model.lora_target_modules.strip():
+        raise ValueError("model.lora_target_modules must name modules or be 'all-linear'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,13 +235,24 @@ def pythia_1b4_random() -> TrainConfig:
 
 
 def counting_with(algorithm: Algorithm, *, epochs: int) -> TrainConfig:
-    """The embedded default's task and budget with another algorithm (the paper's comparison)."""
+    """The embedded default's task and budget with another algorithm (the paper's comparison).
+    Offline algorithms train on the built-in preference pairs of the same prompts."""
     base = default()
+    data = DataConfig(prompts="builtin:counting_preferences", chosen_column="chosen",
+                      rejected_column="rejected") if algorithm.offline else base.data
     return dataclasses.replace(
         base, run_dir=f"runs/counting_{type(algorithm).__name__.lower()}{algorithm.samples_per_prompt}",
-        algorithm=algorithm,
+        algorithm=algorithm, data=data,
         generation=dataclasses.replace(base.generation, samples_per_prompt=algorithm.samples_per_prompt),
         rebel=dataclasses.replace(base.rebel, num_epochs=epochs))
+
+
+def counting_lora() -> TrainConfig:
+    """The embedded default with LoRA adapters (rank 8 on every linear layer); reference = adapter off."""
+    base = default()
+    return dataclasses.replace(base, run_dir="runs/counting_lora",
+                               model=dataclasses.replace(base.model, lora_rank=8, lora_alpha=16.0),
+                               optim=dataclasses.replace(base.optim, lr=3e-3))
 
 
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
@@ -204,8 +266,11 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "counting_rloo2": lambda: counting_with(RLOO(samples_per_prompt=2), epochs=1),
     "counting_rloo4": lambda: counting_with(RLOO(samples_per_prompt=4), epochs=1),
     "counting_iterative_dpo": lambda: counting_with(IterativeDPO(), epochs=4),
+    "counting_dpo": lambda: counting_with(DPO(), epochs=4),
+    "counting_rebel_preference": lambda: counting_with(RebelPreference(), epochs=4),
+    "counting_lora": counting_lora,
 }
-ALGORITHMS = {cls.__name__: cls for cls in (Rebel, Reinforce, RLOO, IterativeDPO)}  # for from_json
+ALGORITHMS = {cls.__name__: cls for cls in (Rebel, Reinforce, RLOO, IterativeDPO, DPO, RebelPreference)}  # from_json
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,12 +38,23 @@ def load_rows(cfg: DataConfig) -> list[dict]:
 
 @dataclasses.dataclass
 class PromptSet:
-    """Tokenized prompts (and, in hybrid mode, partner responses) that passed the filters."""
+    """Tokenized prompts that passed the filters, and the response texts read beside them: "partner"
+    (hybrid REBEL's y'), "chosen" and "rejected" (offline preference pairs), when configured."""
 
     prompts: list[str]
     prompt_ids: list[list[int]]
-    partners: list[str] | None
+    responses: dict[str, list[str]]
     skipped: int
+
+    @property
+    def partners(self) -> list[str] | None:
+        return self.responses.get("partner")
+
+
+def response_columns(cfg: DataConfig) -> dict[str, str]:
+    """role -> dataset column of the configured response columns."""
+    roles = {"partner": cfg.partner_column, "chosen": cfg.chosen_column, "rejected": cfg.rejected_column}
+    return {role: column for role, column in roles.items() if column is not None}
 
 
 def _prompt_text(row: dict, cfg: DataConfig, tokenizer) -> str:
@@ -61,17 +72,26 @@ def _prompt_text(row: dict, cfg: DataConfig, tokenizer) -> str:
     return value
 
 
+def _response_text(row: dict, column: str) -> str:
+    """A response column: text, or a chat transcript whose last message is the assistant's answer
+    (the layout of e.g. UltraFeedback's chosen / rejected columns)."""
+    value = row[column]
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        value = value[-1].get("content")
+    if not isinstance(value, str):
+        raise ValueError(f"non-text {column!r}: {value!r}")
+    return value
+
+
 def prepare(rows: list[dict], tokenizer, cfg: DataConfig) -> PromptSet:
     """Tokenize prompts; report and skip invalid rows and prompts over max_prompt_tokens."""
-    prompts, ids, partners, skipped = [], [], [], 0
+    columns = response_columns(cfg)
+    prompts, ids, skipped = [], [], 0
+    responses: dict[str, list[str]] = {role: [] for role in columns}
     for i, row in enumerate(rows):
         try:
             text = _prompt_text(row, cfg, tokenizer)
-            partner = None
-            if cfg.partner_column is not None:
-                partner = row[cfg.partner_column]
-                if not isinstance(partner, str):
-                    raise ValueError(f"non-text {cfg.partner_column!r}: {partner!r}")
+            texts = {role: _response_text(row, column) for role, column in columns.items()}
         except (KeyError, ValueError, TypeError) as err:
             log.warning("data row %d skipped: %s", i, err)
             skipped += 1
@@ -82,13 +102,14 @@ def prepare(rows: list[dict], tokenizer, cfg: DataConfig) -> PromptSet:
             continue
         prompts.append(text)
         ids.append(tokens)
-        partners.append(partner)
+        for role, value in texts.items():
+            responses[role].append(value)
     if not prompts:
         raise ValueError(f"data.prompts {cfg.prompts!r}: no usable prompt ({skipped} rows skipped)")
     if skipped:
         log.warning("%d of %d prompt rows skipped (invalid or longer than %d tokens)", skipped, len(rows),
                     cfg.max_prompt_tokens)
-    return PromptSet(prompts, ids, partners if cfg.partner_column else None, skipped)
+    return PromptSet(prompts, ids, responses, skipped)
 
 
 class PromptOrder:

@@ -100,7 +100,9 @@ def shard(wrapper: nn.Module, lm: nn.Module, d: Dist, *, compute_dtype: torch.dt
 @torch.no_grad()
 def refresh_inference_copy(inference: nn.Module, trained: nn.Module) -> None:
     """Copy the (gathered) trained weights into the unsharded generation model. Parameter names match
-    after stripping the wrapper's 'lm.' prefix and activation-checkpoint wrappers."""
+    after stripping the wrapper's 'lm.' prefix and activation-checkpoint wrappers. Frozen parameters
+    (LoRA's base weights, the layers below train_top_layers) are skipped: the copy was made from the
+    same initial weights and they never change."""
     if inference is trained or inference is getattr(trained, "lm", None):
         return  # one unsharded process generates with the trained module itself
 
@@ -109,6 +111,8 @@ def refresh_inference_copy(inference: nn.Module, trained: nn.Module) -> None:
 
     target = {plain(n): p for n, p in inference.named_parameters()}
     for name, param in trained.named_parameters():
+        if not param.requires_grad:
+            continue
         key = plain(name)
         full = param.full_tensor() if hasattr(param, "full_tensor") else param
         target[key].copy_(full.to(target[key].dtype))

@@ -1,5 +1,7 @@
 """Reward functions: a Hugging Face sequence-classification reward model (with its own tokenizer and
-chat template), or a Python function given by import path. Both map (prompts, responses) -> scores."""
+chat template), or a Python function given by import path. Both map (prompts, responses) -> scores.
+For REBEL from preferences: a pairwise preference model or a function, (prompts, responses, others)
+-> P(response > other | prompt)."""
 from __future__ import annotations
 
 import importlib
@@ -8,32 +10,31 @@ from typing import Callable, Protocol
 import torch
 
 from engine.config import RewardConfig
-from engine.tasks import BUILTIN_REWARDS
+from engine.tasks import BUILTIN_PREFERENCES, BUILTIN_REWARDS
 
 
 class RewardFn(Protocol):
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float] | torch.Tensor: ...
 
 
-def import_function(path: str) -> Callable:
+def import_function(path: str, builtins: dict = BUILTIN_REWARDS, key: str = "reward.function") -> Callable:
     """'package.module:function' (or builtin:NAME for the built-in tasks) -> the callable."""
     if path.startswith("builtin:"):
         name = path.split(":", 1)[1]
-        if name not in BUILTIN_REWARDS:
-            raise ValueError(f"reward.function: unknown built-in reward {name!r}; known: {sorted(BUILTIN_REWARDS)}")
-        return BUILTIN_REWARDS[name]
+        if name not in builtins:
+            raise ValueError(f"{key}: unknown built-in {name!r}; known: {sorted(builtins)}")
+        return builtins[name]
     module, sep, attr = path.partition(":")
     if not sep or not attr:
-        raise ValueError(f"reward.function must look like 'package.module:function', got {path!r}")
+        raise ValueError(f"{key} must look like 'package.module:function', got {path!r}")
     fn = getattr(importlib.import_module(module), attr, None)
     if not callable(fn):
-        raise ValueError(f"reward.function {path!r} is not a callable")
+        raise ValueError(f"{key} {path!r} is not a callable")
     return fn
 
 
-class RewardModel:
-    """Scores with a sequence-classification model. The response text is re-encoded with the reward
-    model's own tokenizer (and chat template, when it has one), never fed as policy token ids."""
+class _SequenceClassifier:
+    """A Hugging Face sequence-classification model with its own tokenizer; `_first_logit(texts)` [n]."""
 
     def __init__(self, path: str, *, device, batch_size: int, dtype=None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: PLC0415
@@ -46,32 +47,77 @@ class RewardModel:
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device, self.batch_size = device, batch_size
 
-    def _format(self, prompt: str, response: str) -> str:
-        if self.tokenizer.chat_template:
-            chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            return self.tokenizer.apply_chat_template(chat, tokenize=False)
-        return prompt + response
+    def _chat(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False)
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        scores = []
-        for i in range(0, len(prompts), self.batch_size):
-            texts = [self._format(p, r) for p, r in zip(prompts[i : i + self.batch_size],
-                                                        responses[i : i + self.batch_size])]
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+    def _first_logit(self, texts: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
                                  add_special_tokens=not self.tokenizer.chat_template).to(self.device)
-            scores.append(self.model(**enc).logits[:, 0].float())
-        return torch.cat(scores)
+            out.append(self.model(**enc).logits[:, 0].float())
+        return torch.cat(out)
 
 
-def build_reward(cfg: RewardConfig, *, default: str | None, device, dtype=None) -> RewardFn:
+class RewardModel(_SequenceClassifier):
+    """Scores with a sequence-classification model. The response text is re-encoded with the reward
+    model's own tokenizer (and chat template, when it has one), never fed as policy token ids."""
+
+    def _format(self, prompt: str, response: str) -> str:
+        if self.tokenizer.chat_template:
+            return self._chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+        return prompt + response
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return self._first_logit([self._format(p, r) for p, r in zip(prompts, responses)])
+
+
+class PreferenceModel(_SequenceClassifier):
+    """P(a > b | x) from a pairwise sequence-classification model that reads the prompt and both
+    responses (`template` with {prompt}, {a}, {b}; inside the model's chat template as one user turn
+    when it has one) and outputs one logit, P = sigmoid(logit). Both orders are scored and averaged,
+        P(a > b) = (sigmoid(f(x, a, b)) + 1 - sigmoid(f(x, b, a))) / 2,
+    so that P(a > b) + P(b > a) = 1 exactly (l = 2P - 1 is skew-symmetric, as REBEL from preferences needs)."""
+
+    def __init__(self, path: str, *, device, batch_size: int, template: str, dtype=None):
+        super().__init__(path, device=device, batch_size=batch_size, dtype=dtype)
+        self.template = template
+
+    def _format(self, prompt: str, a: str, b: str) -> str:
+        text = self.template.format(prompt=prompt, a=a, b=b)
+        return self._chat([{"role": "user", "content": text}]) if self.tokenizer.chat_template else text
+
+    def __call__(self, prompts: list[str], responses: list[str], others: list[str]) -> torch.Tensor:
+        forward = self._first_logit([self._format(p, a, b) for p, a, b in zip(prompts, responses, others)])
+        backward = self._first_logit([self._format(p, b, a) for p, a, b in zip(prompts, responses, others)])
+        return (torch.sigmoid(forward) + 1 - torch.sigmoid(backward)) / 2
+
+
+def build_reward(cfg: RewardConfig, *, default: str | None, device, dtype=None, required: bool = True) -> RewardFn | None:
+    """The reward model or function; the built-in task's reward by default. None when nothing is
+    configured and the algorithm can do without (offline DPO, REBEL from preferences)."""
     if cfg.model:
         return RewardModel(cfg.model, device=device, batch_size=cfg.batch_size, dtype=dtype)
     if cfg.function:
         return import_function(cfg.function)
     if default:
         return import_function(default)
-    raise ValueError("no reward: set reward.model or reward.function")
+    if required:
+        raise ValueError("no reward: set reward.model or reward.function")
+    return None
+
+
+def build_preference(cfg: RewardConfig, *, default: str | None, device, dtype=None):
+    """The preference model or function (prompts, responses, others) -> P(response > other)."""
+    if cfg.preference_model:
+        return PreferenceModel(cfg.preference_model, device=device, batch_size=cfg.batch_size,
+                               template=cfg.preference_template, dtype=dtype)
+    if cfg.preference_function:
+        return import_function(cfg.preference_function, BUILTIN_PREFERENCES, "reward.preference_function")
+    if default and default.split(":", 1)[1] in BUILTIN_PREFERENCES:
+        return BUILTIN_PREFERENCES[default.split(":", 1)[1]]
+    raise ValueError("no preference model: set reward.preference_model or reward.preference_function")
 
 
 def score(reward: RewardFn, prompts: list[str], responses: list[str], device) -> torch.Tensor:
@@ -80,4 +126,17 @@ def score(reward: RewardFn, prompts: list[str], responses: list[str], device) ->
     out = torch.as_tensor(out, dtype=torch.float32).to(device).reshape(-1)
     if out.numel() != len(prompts):
         raise ValueError(f"the reward returned {out.numel()} scores for {len(prompts)} responses")
+    return out
+
+
+def preferences(prefer, prompts: list[str], responses: list[str], others: list[str], device) -> torch.Tensor:
+    """Call the preference model: float32 [n] P(responses[j] > others[j] | prompts[j]) on device.
+    A wrong count or a finite value outside [0, 1] is an error (non-finite ones are the loop's to skip)."""
+    out = torch.as_tensor(prefer(prompts, responses, others), dtype=torch.float32).to(device).reshape(-1)
+    if out.numel() != len(prompts):
+        raise ValueError(f"the preference model returned {out.numel()} probabilities for {len(prompts)} pairs")
+    finite = out[torch.isfinite(out)]
+    if finite.numel() and not bool(((finite >= 0) & (finite <= 1)).all()):
+        raise ValueError(f"the preference model must return probabilities in [0, 1], got min {finite.min().item()} "
+                         f"max {finite.max().item()}")
     return out

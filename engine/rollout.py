@@ -50,6 +50,7 @@ class Batch:
     ref_logprobs: torch.Tensor | None = None  # [2B, N] log pi_ref
     scores: torch.Tensor | None = None  # [2B] after the missing-EOS penalty
     rewards: torch.Tensor | None = None  # [2B] scores - kl_coef * KL
+    anchor_preferences: torch.Tensor | None = None  # [2B] P(y_s > y'') (REBEL from preferences, 3 samples)
 
     samples: int = 2  # responses per prompt: row s * B + i is sample s of prompt i
 
@@ -74,22 +75,49 @@ def from_rollout(ro: Rollout, prompts: list[str], tokenizer, samples: int = 2) -
                  responses=responses, samples=samples)
 
 
+def tokenize_responses(texts: list[str], tokenizer, eos_ids: list[int], width: int, device):
+    """Dataset responses as response rows: tokens + EOS, cut to `width` (a cut response counts as
+    unfinished). Returns (ids [n, width], mask [n, width] bool, finished [n] bool)."""
+    ids = torch.full((len(texts), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(texts), width), dtype=torch.bool, device=device)
+    finished = torch.zeros(len(texts), dtype=torch.bool, device=device)
+    for i, text in enumerate(texts):
+        toks = (tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_ids[0]])[:width]
+        ids[i, : len(toks)] = torch.tensor(toks, device=device)
+        mask[i, : len(toks)] = True
+        finished[i] = toks[-1] in eos_ids
+    return ids, mask, finished
+
+
 def with_offline_partners(ro: Rollout, partners: list[str], tokenizer, eos_ids: list[int]) -> Rollout:
     """Hybrid REBEL: rows B..2B-1 become the dataset's responses y' (tokenized, EOS appended, cut to
     the sampled responses' width); their sampler log-probabilities are 0 (they were not sampled)."""
-    b, width = ro.response_ids.shape
-    ids = torch.full((b, width), tokenizer.pad_token_id, dtype=torch.long, device=ro.response_ids.device)
-    mask = torch.zeros((b, width), dtype=torch.bool, device=ids.device)
-    finished = torch.zeros(b, dtype=torch.bool, device=ids.device)
-    for i, text in enumerate(partners):
-        toks = (tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_ids[0]])[:width]
-        ids[i, : len(toks)] = torch.tensor(toks, device=ids.device)
-        mask[i, : len(toks)] = True
-        finished[i] = toks[-1] in eos_ids
+    ids, mask, finished = tokenize_responses(partners, tokenizer, eos_ids, ro.response_ids.shape[1],
+                                             ro.response_ids.device)
     return Rollout(prompt_ids=ro.prompt_ids.repeat(2, 1), prompt_mask=ro.prompt_mask.repeat(2, 1),
                    response_ids=torch.cat([ro.response_ids, ids]), response_mask=torch.cat([ro.response_mask, mask]),
                    logprobs=torch.cat([ro.logprobs, torch.zeros_like(ro.logprobs)]),
                    finished=torch.cat([ro.finished, finished]))
+
+
+def preference_pairs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, chosen: list[str], rejected: list[str],
+                     tokenizer, eos_ids: list[int], max_tokens: int) -> Rollout:
+    """Offline preference data as a 2-sample rollout: rows 0..B-1 the chosen responses, B..2B-1 the
+    rejected ones, each cut at `max_tokens` (with its EOS counted); nothing is sampled."""
+    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in chosen + rejected) + 1
+    ids, mask, finished = tokenize_responses(chosen + rejected, tokenizer, eos_ids, min(longest, max_tokens),
+                                             prompt_ids.device)
+    return Rollout(prompt_ids=prompt_ids.repeat(2, 1), prompt_mask=prompt_mask.repeat(2, 1), response_ids=ids,
+                   response_mask=mask, logprobs=torch.zeros(ids.shape, device=ids.device), finished=finished)
+
+
+def apply_eos_rule(prefs: torch.Tensor, finished: torch.Tensor, anchor_finished: torch.Tensor) -> torch.Tensor:
+    """The missing-EOS penalty for preferences: a response that never emitted EOS loses to a finished
+    one whatever the model says (P = 0, or 1 when only the other is cut), two cut responses tie (P = 1/2)."""
+    cut, anchor_cut = ~finished, ~anchor_finished
+    out = torch.where(cut & ~anchor_cut, torch.zeros_like(prefs), prefs)
+    out = torch.where(~cut & anchor_cut, torch.ones_like(prefs), out)
+    return torch.where(cut & anchor_cut, torch.full_like(prefs, 0.5), out)
 
 
 def apply_eos_penalty(raw: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:

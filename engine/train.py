@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from typing import Callable
 
 if __package__ in (None, ""):  # `python engine/train.py` / `torchrun engine/train.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,7 +27,7 @@ if __package__ in (None, ""):  # `python engine/train.py` / `torchrun engine/tra
 import torch
 
 from engine import config as config_mod
-from engine import data, parallel, rewards, rollout
+from engine import data, lora, parallel, rewards, rollout
 from engine.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
 from engine.generate import Sampler, eos_token_ids
 from engine.metrics import MetricsLogger, PhaseTimer, Progress
@@ -69,7 +70,9 @@ def load_models(cfg: config_mod.TrainConfig, device):
         policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if cfg.model.reference:
+    if cfg.model.lora_rank:  # the reference is the policy with its adapter disabled: no second copy
+        policy, reference = lora.add_lora(policy, cfg.model), None
+    elif cfg.model.reference:
         from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
         reference = AutoModelForCausalLM.from_pretrained(cfg.model.reference, dtype=torch.float32)
@@ -77,7 +80,8 @@ def load_models(cfg: config_mod.TrainConfig, device):
         reference = copy.deepcopy(policy)
     # REBEL regresses onto exact log-ratios: no dropout anywhere (eval mode throughout).
     policy.eval().to(device)
-    reference.eval().requires_grad_(False).to(device)
+    if reference is not None:
+        reference.eval().requires_grad_(False).to(device)
     return policy, reference, tokenizer
 
 
@@ -97,9 +101,26 @@ def make_optimizer(cfg: config_mod.TrainConfig, params, steps_per_iteration: int
 # ----------------------------------------------------------------------------------------------
 # one iteration
 # ----------------------------------------------------------------------------------------------
-def collect(cfg, d, sampler, prompt_set, order, tokenizer, reward_fn, policy_lp, reference_lp, gen, timer):
-    """Generate, score and compute log pi_t / log pi_ref for this rank's share of the prompts."""
-    chosen = order.take(cfg.rebel.prompts_per_iteration)[d.rank :: d.world]
+@dataclasses.dataclass(frozen=True)
+class Feedback:
+    """What scores the responses: a reward (None: none configured, allowed for offline DPO and REBEL
+    from preferences) and, for algorithms that need one, a preference model."""
+
+    reward: rewards.RewardFn | None
+    prefer: Callable | None = None
+
+
+def build_feedback(cfg: config_mod.TrainConfig, device) -> Feedback:
+    algo = cfg.algorithm
+    default = cfg.data.prompts if cfg.data.prompts.startswith("builtin:") else None
+    needs_reward = not (algo.offline or algo.needs_preferences)
+    reward = rewards.build_reward(cfg.reward, default=default, device=device, required=needs_reward)
+    prefer = rewards.build_preference(cfg.reward, default=default, device=device) if algo.needs_preferences else None
+    return Feedback(reward=reward, prefer=prefer)
+
+
+def collect(cfg, d, sampler, prompt_set, chosen, tokenizer, feedback, policy_lp, reference_lp, gen, timer):
+    """Generate, score and compute log pi_t / log pi_ref for this rank's prompts `chosen`."""
     ids, mask = data.left_pad([prompt_set.prompt_ids[i] for i in chosen], tokenizer.pad_token_id, d.device)
     hybrid = prompt_set.partners is not None  # y' from the dataset: sample one response per prompt
     gen_cfg = dataclasses.replace(cfg.generation, samples_per_prompt=1) if hybrid else cfg.generation
@@ -116,19 +137,36 @@ def collect(cfg, d, sampler, prompt_set, order, tokenizer, reward_fn, policy_lp,
     if hybrid:
         batch.sampled[batch.groups:] = False
     with timer("score"):
-        raw = rewards.score(reward_fn, batch.prompts, batch.responses, d.device)
-        batch.scores = rollout.apply_eos_penalty(raw, batch.finished, cfg.reward.missing_eos_penalty)
+        if feedback.reward is not None:
+            raw = rewards.score(feedback.reward, batch.prompts, batch.responses, d.device)
+            batch.scores = rollout.apply_eos_penalty(raw, batch.finished, cfg.reward.missing_eos_penalty)
+        if feedback.prefer is not None:
+            batch.anchor_preferences = _anchor_preferences(feedback.prefer, batch, d.device)
     with timer("logprobs"):
         kw = dict(micro_pairs=cfg.rebel.micro_batch_pairs, temperature=cfg.generation.temperature)
         batch.old_logprobs = rollout.sequence_logprobs(policy_lp, batch, **kw)
         batch.ref_logprobs = rollout.sequence_logprobs(reference_lp, batch, **kw)
-    batch.rewards, kl = rollout.shape_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs, cfg.rebel.kl_coef)
+    kl = batch.old_logprobs.sum(-1) - batch.ref_logprobs.sum(-1)
+    if batch.scores is not None:
+        batch.rewards, kl = rollout.shape_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs,
+                                                  cfg.rebel.kl_coef)
+    return batch, _rollout_stats(batch, kl, gen_s, d)
+
+
+def _anchor_preferences(prefer, batch: rollout.Batch, device) -> torch.Tensor:
+    """REBEL from preferences: [2B] P(y_s > y'' | x) for s = 0, 1 against the anchor sample y'' (rows
+    2B..3B-1), one preference-model call, with the missing-EOS rule applied."""
+    b = batch.groups
+    anchors = batch.responses[2 * b :]
+    prefs = rewards.preferences(prefer, batch.prompts[: 2 * b], batch.responses[: 2 * b], anchors * 2, device)
+    return rollout.apply_eos_rule(prefs, batch.finished[: 2 * b], batch.finished[2 * b :].repeat(2))
+
+
+def _rollout_stats(batch: rollout.Batch, kl: torch.Tensor, gen_s: float, d) -> dict:
     valid = batch.labels != rollout.IGNORE
     gap = (batch.sampler_logprobs - batch.old_logprobs).abs()[valid & batch.sampled[:, None]]
-    reward_mean, reward_std = _global_mean_std(batch.rewards, d)
     stats = {
-        "reward/mean": reward_mean, "reward/std": reward_std,
-        "score/mean": _global_mean_std(batch.scores, d)[0], "kl/mean": _global_mean_std(kl, d)[0],
+        "kl/mean": _global_mean_std(kl, d)[0],
         "eos_rate": _global_mean_std(batch.finished.float(), d)[0],
         "response_length/mean": _global_mean_std(valid.sum(-1).float(), d)[0],
         "generation/tokens_per_s": parallel.all_reduce(
@@ -136,7 +174,36 @@ def collect(cfg, d, sampler, prompt_set, order, tokenizer, reward_fn, policy_lp,
         "logprob_gap/mean_abs": _global_mean_std(gap, d)[0],
     }
     stats["truncation_rate"] = 1 - stats["eos_rate"]
-    return batch, stats
+    if batch.rewards is not None:
+        stats["reward/mean"], stats["reward/std"] = _global_mean_std(batch.rewards, d)
+        stats["score/mean"] = _global_mean_std(batch.scores, d)[0]
+    if batch.anchor_preferences is not None:
+        stats["preference/mean"] = _global_mean_std(batch.anchor_preferences, d)[0]
+    return stats
+
+
+def collect_preference_pairs(cfg, d, prompt_set, chosen, tokenizer, eos_ids, reference_lp, timer) -> rollout.Batch:
+    """Offline algorithms (DPO): this rank's prompts with the dataset's chosen (rows 0..B-1) and
+    rejected (rows B..2B-1) responses, and their log pi_ref; nothing is sampled or scored."""
+    ids, mask = data.left_pad([prompt_set.prompt_ids[i] for i in chosen], tokenizer.pad_token_id, d.device)
+    texts = {role: [prompt_set.responses[role][i] for i in chosen] for role in ("chosen", "rejected")}
+    ro = rollout.preference_pairs(ids, mask, texts["chosen"], texts["rejected"], tokenizer, eos_ids,
+                                  cfg.generation.max_new_tokens)
+    batch = rollout.from_rollout(ro, [prompt_set.prompts[i] for i in chosen] * 2, tokenizer, samples=2)
+    batch.sampled[:] = False
+    with timer("logprobs"):
+        batch.ref_logprobs = rollout.sequence_logprobs(reference_lp, batch, micro_pairs=cfg.rebel.micro_batch_pairs,
+                                                       temperature=cfg.generation.temperature)
+    return batch
+
+
+def feedback_is_finite(batch: rollout.Batch, d) -> bool:
+    """No NaN/inf in the scores or preferences of any rank's batch."""
+    bad = torch.zeros((), device=batch.labels.device)
+    for x in (batch.scores, batch.anchor_preferences):
+        if x is not None:
+            bad = bad + (~torch.isfinite(x)).any().float()
+    return parallel.all_reduce(bad, d).item() == 0
 
 
 def _global_mean_std(x: torch.Tensor, d) -> tuple[float, float]:
@@ -163,12 +230,7 @@ def update(cfg, d, policy_lp, batch, opt, sched, train_gen, counters) -> dict:
             opt.zero_grad(set_to_none=True)
             total, bad = 0.0, torch.zeros((), device=d.device)
             for micro in mb.split(cfg.rebel.micro_batch_pairs):
-                rows = batch.rows(micro)
-                logp = policy_lp(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows],
-                                 cfg.generation.temperature)
-                inputs = AlgoBatch(labels=batch.labels[rows], old_logprobs=batch.old_logprobs[rows],
-                                   ref_logprobs=batch.ref_logprobs[rows], scores=batch.scores[rows],
-                                   kl_coef=cfg.rebel.kl_coef)
+                logp, inputs = _micro_batch(cfg, policy_lp, batch, micro)
                 loss, extra = cfg.algorithm.loss(logp, inputs)  # mean over the micro-batch's prompts
                 # Weighted by the micro-batch's share of this rank's minibatch; FSDP2 then averages
                 # gradients over ranks: the mean over all ranks' prompts.
@@ -191,6 +253,27 @@ def update(cfg, d, policy_lp, batch, opt, sched, train_gen, counters) -> dict:
     out.update({"loss/first": losses[0] if losses else math.nan, "loss/last": losses[-1] if losses else math.nan,
                 "lr": sched.get_last_lr()[0]})
     return out
+
+
+def _micro_batch(cfg, policy_lp, batch: rollout.Batch, micro: torch.Tensor) -> tuple[torch.Tensor, AlgoBatch]:
+    """The policy's log-probabilities of some prompts' samples and the loss inputs of those rows.
+    Samples the loss takes no gradient through (the anchor of REBEL from preferences) are not run
+    through the policy: their rows of `logp` are zeros."""
+    rows = batch.rows(micro)
+    trained = len(micro) * cfg.algorithm.trained_samples
+    logp = policy_lp(batch.input_ids[rows[:trained]], batch.attention_mask[rows[:trained]],
+                     batch.labels[rows[:trained]], cfg.generation.temperature)
+    if trained < len(rows):
+        logp = torch.cat([logp, logp.new_zeros((len(rows) - trained, logp.shape[1]))])
+
+    def take(x, index):
+        return None if x is None else x[index]
+
+    pair_rows = torch.cat([micro, micro + batch.groups])  # rows of the [2B] anchor preferences
+    inputs = AlgoBatch(labels=batch.labels[rows], old_logprobs=take(batch.old_logprobs, rows),
+                       ref_logprobs=take(batch.ref_logprobs, rows), scores=take(batch.scores, rows),
+                       anchor_preferences=take(batch.anchor_preferences, pair_rows), kl_coef=cfg.rebel.kl_coef)
+    return logp, inputs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,15 +308,18 @@ def train(cfg: config_mod.TrainConfig) -> dict:
     separate = d.sharded or compute_dtype != torch.float32 or cfg.model.activation_checkpointing
     inference = copy.deepcopy(policy).to(compute_dtype) if separate else policy
     parallel.train_only_top_layers(policy, cfg.model.train_top_layers)
-    policy_lp, reference_lp = rollout.PolicyLogprobs(policy), rollout.PolicyLogprobs(reference)
+    policy_lp = rollout.PolicyLogprobs(policy)
     parallel.shard(policy_lp, policy, d, compute_dtype=compute_dtype, checkpointing=cfg.model.activation_checkpointing)
-    parallel.shard(reference_lp, reference, d, compute_dtype=compute_dtype, checkpointing=False)
+    if reference is None:  # LoRA: log pi_ref through the policy's own weights, adapters off
+        reference_lp = lora.AdapterDisabled(policy_lp, policy)
+    else:
+        reference_lp = rollout.PolicyLogprobs(reference)
+        parallel.shard(reference_lp, reference, d, compute_dtype=compute_dtype, checkpointing=False)
     sampler = Sampler(inference, eos_ids=eos_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id)
 
     prompt_set = data.prepare(data.load_rows(cfg.data), tokenizer, cfg.data)
     order = data.PromptOrder(len(prompt_set.prompts), cfg.seed)
-    default_reward = cfg.data.prompts if cfg.data.prompts.startswith("builtin:") else None
-    reward_fn = rewards.build_reward(cfg.reward, default=default_reward, device=d.device)
+    feedback = build_feedback(cfg, d.device)
     steps = cfg.rebel.num_epochs * cfg.rebel.minibatches
     opt, sched = make_optimizer(cfg, [p for p in policy_lp.parameters() if p.requires_grad], steps)
     gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000 + d.rank)
@@ -271,11 +357,10 @@ def train(cfg: config_mod.TrainConfig) -> dict:
         with timer("sync"):
             parallel.refresh_inference_copy(inference, policy_lp)
         progress.phase("generate")
-        batch, stats = collect(cfg, d, sampler, prompt_set, order, tokenizer, reward_fn, policy_lp, reference_lp,
-                               gen, timer)
+        batch, stats = _iteration_batch(cfg, d, sampler, prompt_set, order, tokenizer, feedback, policy_lp,
+                                        reference_lp, gen, timer)
         progress.phase("update")
-        finite = parallel.all_reduce((~torch.isfinite(batch.rewards)).any().float(), d).item() == 0
-        if finite:
+        if feedback_is_finite(batch, d):
             with timer("update"):
                 stats.update(update(cfg, d, policy_lp, batch, opt, sched, train_gen, counters))
         else:
@@ -299,11 +384,27 @@ def train(cfg: config_mod.TrainConfig) -> dict:
     if d.is_main and cfg.logging.plots:
         metrics.plot()
     metrics.close()
-    if cfg.checkpoint.export_hf and not _Stop.requested:
-        export_hf(policy_lp, tokenizer, os.path.join(cfg.run_dir, "final"))
+    if cfg.checkpoint.export_hf and not _Stop.requested:  # LoRA: the adapter only
+        save = lora.adapter_saver(policy) if cfg.model.lora_rank else None
+        export_hf(policy_lp, tokenizer, os.path.join(cfg.run_dir, "final"), save=save)
     if d.sharded:
         torch.distributed.destroy_process_group()
     return last
+
+
+def _iteration_batch(cfg, d, sampler, prompt_set, order, tokenizer, feedback, policy_lp, reference_lp, gen, timer):
+    """This rank's training batch and the iteration's rollout metrics. On-policy algorithms train on
+    what they sample; offline ones train on dataset pairs and sample only to monitor the policy (when
+    a reward is configured, e.g. the built-in task's)."""
+    chosen = order.take(cfg.rebel.prompts_per_iteration)[d.rank :: d.world]
+    batch, stats = None, {}
+    if not cfg.algorithm.offline or feedback.reward is not None:
+        batch, stats = collect(cfg, d, sampler, prompt_set, chosen, tokenizer, feedback, policy_lp, reference_lp,
+                               gen, timer)
+    if cfg.algorithm.offline:
+        batch = collect_preference_pairs(cfg, d, prompt_set, chosen, tokenizer, sampler.eos_ids.tolist(),
+                                         reference_lp, timer)
+    return batch, stats
 
 
 def _rss_gib() -> float:

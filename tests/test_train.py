@@ -17,7 +17,7 @@ from engine import config as C
 from engine import rollout
 from engine.generate import Sampler
 from engine.tasks import char_tokenizer, counting_prompts, tiny_llama
-from engine.train import collect, load_models, make_optimizer, train, update
+from engine.train import Feedback, collect, load_models, make_optimizer, train, update
 from rebel_kernels.reference import reference_rebel_loss_from_logprobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +57,8 @@ def _iteration_inputs(tmp_path):
     sampler = Sampler(policy, eos_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
     reward_fn = rewards.build_reward(cfg.reward, default="builtin:counting", device=d.device)
     gen = torch.Generator().manual_seed(0)
-    batch, stats = collect(cfg, d, sampler, prompt_set, order, tok, reward_fn, lp, ref_lp, gen, PhaseTimer())
+    chosen = order.take(cfg.rebel.prompts_per_iteration)
+    batch, stats = collect(cfg, d, sampler, prompt_set, chosen, tok, Feedback(reward_fn), lp, ref_lp, gen, PhaseTimer())
     return cfg, d, policy, lp, batch, stats
 
 
@@ -198,8 +199,8 @@ def test_hybrid_mode_reads_partners_from_the_dataset(tmp_path):
     policy, reference, tok = load_models(cfg, d.device)
     prompt_set = data.prepare(data.load_rows(cfg.data), tok, cfg.data)
     sampler = Sampler(policy, eos_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
-    batch, stats = collect(cfg, d, sampler, prompt_set, data.PromptOrder(20, 0), tok,
-                           rewards.build_reward(cfg.reward, default=None, device=d.device),
+    batch, stats = collect(cfg, d, sampler, prompt_set, data.PromptOrder(20, 0).take(cfg.rebel.prompts_per_iteration),
+                           tok, Feedback(rewards.build_reward(cfg.reward, default=None, device=d.device)),
                            rollout.PolicyLogprobs(policy), rollout.PolicyLogprobs(reference),
                            torch.Generator().manual_seed(0), PhaseTimer())
     b = batch.groups

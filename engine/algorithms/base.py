@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import ClassVar
 
 import torch
 
@@ -54,9 +55,29 @@ class AlgoBatch:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Algorithm:
-    """Base of every algorithm: k samples per prompt and a loss. Subclasses fix k's allowed values."""
+    """Base of every algorithm: k samples per prompt and a loss. Subclasses fix k's allowed values.
+
+    Two class-level facts tell the loop what feedback to collect (they describe the inputs; the
+    loss itself is always the subclass's own method):
+    - `offline`: trains on a preference dataset's (chosen, rejected) responses instead of samples
+      (the loop still samples from the policy, only to monitor it when a reward is available);
+    - `needs_preferences`: reads `anchor_preferences` from a preference model instead of scores.
+    """
 
     samples_per_prompt: int = 2
+    offline: ClassVar[bool] = False
+    needs_preferences: ClassVar[bool] = False
+
+    @property
+    def trained_samples(self) -> int:
+        """The leading samples of a prompt whose log-probabilities the loss differentiates (the loop
+        skips the policy forward of the others and passes zeros for them)."""
+        return self.samples_per_prompt
+
+    @property
+    def queries_per_prompt(self) -> int:
+        """Reward (or preference) model calls per prompt of an iteration's training batch."""
+        return 0 if self.offline else self.samples_per_prompt
 
     def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError

@@ -8,6 +8,7 @@ Only `labels` and `ref_logprobs` of the batch are read.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, positi
 class DPO(Algorithm):
     samples_per_prompt: int = 2
     beta: float = 0.05
+    offline: ClassVar[bool] = True
 
     def __post_init__(self):
         check_k("DPO", self.samples_per_prompt, "== 2 (chosen, rejected)", self.samples_per_prompt == 2)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 
@@ -47,6 +48,15 @@ def anchor_preferences(prefer: PreferenceFn, prompts: Sequence[str], responses: 
 class RebelPreference(Algorithm):
     samples_per_prompt: int = 3
     eta: float = 1.0
+    needs_preferences: ClassVar[bool] = True
+
+    @property
+    def queries_per_prompt(self) -> int:
+        return 2  # P(y > y'') and P(y' > y'')
+
+    @property
+    def trained_samples(self) -> int:
+        return 2  # the anchor y'' only enters through the targets
 
     def __post_init__(self):
         check_k("RebelPreference", self.samples_per_prompt, "== 3 (y, y', anchor y'')", self.samples_per_prompt == 3)
