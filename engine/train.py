@@ -159,7 +159,8 @@ def _anchor_preferences(prefer, batch: rollout.Batch, device) -> torch.Tensor:
     b = batch.groups
     anchors = batch.responses[2 * b :]
     prefs = rewards.preferences(prefer, batch.prompts[: 2 * b], batch.responses[: 2 * b], anchors * 2, device)
-    return rollout.apply_eos_rule(prefs, batch.finished[: 2 * b], batch.finished[2 * b :].repeat(2))
+    ruled = rollout.apply_eos_rule(prefs, batch.finished[: 2 * b], batch.finished[2 * b :].repeat(2))
+    return torch.where(torch.isfinite(prefs), ruled, prefs)  # a broken model's NaN still skips the update
 
 
 def _rollout_stats(batch: rollout.Batch, kl: torch.Tensor, gen_s: float, d) -> dict:
