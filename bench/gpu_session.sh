@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check this project owes, for one lent H100 session (device tool: `bash bench/gpu_session.sh part1`,
-# then `... part2`, `part3`, `part4`; each part aims at the 10-minute limit of one call; the loss suite saves
+# then `... part2` to `part5`; each part aims at the 10-minute limit of one call; the loss suite saves
 # its JSON after every test, so a part cut short keeps what it measured). Writes logs and JSON to $OUT.
 # Peers: the device reaches no package index; wheels placed in .whl/ (gitignored; pass carry [".whl"]),
 # e.g. liger-kernel and cut-cross-entropy from `pip download --no-deps`, are installed first. Peers that are
@@ -9,8 +9,10 @@
 #          tile sweep (incl. TMA) and fused-vs-naive at the Llama-3-8B head (bench/cuda_check.py).
 #   part2: pytest-benchmark loss suite, Llama-3-8B head (bf16, N 2k-32k, 10/50/100% response, fp32 spot check).
 #   part3: the loss suite for the Qwen2.5-7B, Pythia-2.8B and Gemma-2-2B heads.
-#   part4: generation suite with saved JSON, and 3 iterations of the engine on a random-weight Pythia-1.4B
-#          (preset pythia_1b4_random): per-phase time, peak memory.
+#   part4: one REBEL iteration end to end on a random-weight Pythia-1.4B (preset pythia_1b4_random: 512 prompts,
+#          2 x 53 tokens, 4 epochs), per phase and peak memory, 2 iterations each, ours vs TRL's RLOOTrainer
+#          (k = 2; needs trl, datasets and accelerate, e.g. from .whl/), saved JSON (bench/test_bench_iteration.py).
+#   part5: generation suite with saved JSON.
 set -u
 OUT=${OUT:-/tmp/rebel_out}
 mkdir -p "$OUT"
@@ -37,10 +39,12 @@ case "${1:-part1}" in
     tail -5 "$OUT/bench_loss_others.log"
     ;;
   part4)
-    REBEL_BENCH_SAVE=1 REBEL_BENCH_RESULTS_DIR="$OUT" timeout 300 python3 -m pytest bench/test_bench_generate.py -q \
+    REBEL_BENCH_SAVE=1 REBEL_BENCH_RESULTS_DIR="$OUT" timeout 540 python3 -m pytest bench/test_bench_iteration.py -q -rs \
+      > "$OUT/bench_iteration.log" 2>&1; tail -8 "$OUT/bench_iteration.log"
+    python3 bench/report.py "$OUT"/*_iteration.json 2>/dev/null | tail -12
+    ;;
+  part5)
+    REBEL_BENCH_SAVE=1 REBEL_BENCH_RESULTS_DIR="$OUT" timeout 540 python3 -m pytest bench/test_bench_generate.py -q \
       > "$OUT/bench_generate.log" 2>&1; tail -5 "$OUT/bench_generate.log"
-    timeout 200 python3 engine/train.py --preset pythia_1b4_random --run_dir /tmp/pythia \
-      --logging.progress false > "$OUT/pythia.log" 2>&1; tail -3 "$OUT/pythia.log"
-    cp /tmp/pythia/metrics.jsonl "$OUT/pythia_metrics.jsonl" 2>/dev/null
     ;;
 esac

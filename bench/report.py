@@ -14,6 +14,12 @@ same shape and mode (above 1: the fused op is faster / smaller).  Rows that did 
 
 Generate suite, per row: tokens/s, decode step time, the bytes a step must read over the step time,
 against the device-to-device copy bandwidth measured in the same run.
+
+Iteration suite, per (case, iteration, provider): seconds per phase (generate, score, logprobs,
+update, sync), the whole iteration, peak memory (CUDA max allocated in the iteration; CPU: process
+max RSS), response tokens sampled, and time / peak memory relative to ours on the same case and
+iteration (above 1: ours is faster / smaller); each provider's precision and configuration notes
+follow the table.  "steady" is the last iteration measured, "warm-up" the first.
 """
 from __future__ import annotations
 
@@ -93,6 +99,34 @@ def generate_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+ITERATION_PHASES = ("generate", "score", "logprobs", "update", "sync")
+
+
+def iteration_table(rows: list[dict]) -> str:
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    ours = {(r["case"], r["iteration"]): r for r in ok if r["provider"] == "ours"}
+    lines = [
+        "| case | provider | iteration | batch | epochs | " + " | ".join(f"{p} s" for p in ITERATION_PHASES)
+        + " | iteration s | peak GiB | tokens | time / ours | peak / ours |",
+        "|---|---|---|---|---:|" + "---:|" * (len(ITERATION_PHASES) + 5),
+    ]
+    for r in sorted(ok, key=lambda r: (r["case"], -r["iteration"], r["provider"] != "ours", r["provider"])):
+        base = ours.get((r["case"], r["iteration"]), {})
+        lines.append("| " + " | ".join([
+            r["case"], r["provider"], f"{r['iteration']} ({'steady' if r.get('steady') else 'warm-up'})",
+            f"{r['prompts']} x {r['samples_per_prompt']} x {r['new_tokens']} tok", str(r["epochs"]),
+            *(_num(r.get(f"{p}_s"), ".4g") for p in ITERATION_PHASES),
+            _num(r.get("iteration_s"), ".4g"), _num(r.get("peak_gib"), ".2f"), str(r.get("tokens", "-")),
+            _ratio(r.get("iteration_s"), base.get("iteration_s")), _ratio(r.get("peak_gib"), base.get("peak_gib")),
+        ]) + " |")
+    configs = {(r["case"], r["provider"]): r for r in ok}
+    notes = [f"- {case} / {provider} ({r['device']}, {r['dtype']}): {r.get('precision', '-')}; {r.get('note', '')}"
+             for (case, provider), r in sorted(configs.items())]
+    notes += [f"- {r['case']} / {r['provider']}: {r.get('status', '').upper()} {r.get('reason', '')}"
+              for r in rows if r.get("status", "ok") != "ok"]
+    return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
+
+
 def _head(path: str, env: dict) -> str:
     peak = env.get("bf16_matmul_peak_tflops")
     peers = ", ".join(f"{k} {v}" for k, v in (env.get("peers") or {}).items() if v)
@@ -118,7 +152,7 @@ def report(path: str) -> str:
     if not isinstance(data, dict) or "rows" not in data:
         raise ValueError(f"{path}: not a results file (expected an object with 'rows')")
     suite = data.get("suite", "loss")
-    tables = {"generate": generate_table, "loss": loss_table}
+    tables = {"generate": generate_table, "loss": loss_table, "iteration": iteration_table}
     table = tables.get(suite, plain_table)(data["rows"])
     return _head(path, data.get("environment", {})) + f"\n### {suite}\n\n" + table + "\n"
 
