@@ -4,8 +4,12 @@ same loop, fused op and generation, with the same budget of reward queries per i
     python engine/compare.py                      # writes runs/compare/{table.md, results.json, reward_vs_kl.png}
     python engine/compare.py --run_dir out --iterations 50
 
-Each algorithm sees prompts_per_iteration x samples_per_prompt = 128 reward queries per iteration
-(RLOO with k = 4 gets 32 prompts). Reported per algorithm: the mean reward and score of the last 10%
+Each algorithm gets 128 feedback queries per iteration: reward-model calls for the on-policy
+algorithms (RLOO with k = 4 gets 32 prompts, k = 2 algorithms 64), preference-model calls for REBEL
+from preferences (2 per prompt: 64 prompts, 3 samples each); offline DPO reads 64 labelled pairs of
+the built-in preference dataset per iteration (its labels were paid for up front) and samples 2
+responses per prompt only to measure its policy. REBEL with LoRA (rank 8) is the default run with
+adapters instead of full fine-tuning. Reported per algorithm: the mean reward and score of the last 10%
 of iterations (with their standard error over those iterations), the KL to the reference, wall time
 (process start included) and peak memory (RSS on CPU, allocated on GPU); each entry runs in its own
 process.
@@ -39,14 +43,20 @@ def environment() -> dict:
             "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
 
 QUERIES_PER_ITERATION = 128
-ENTRIES = ["default", "counting_reinforce", "counting_rloo2", "counting_rloo4", "counting_iterative_dpo"]
+ENTRIES = ["default", "counting_reinforce", "counting_rloo2", "counting_rloo4", "counting_iterative_dpo",
+           "counting_dpo", "counting_rebel_preference", "counting_lora"]
+
+
+def prompts_per_iteration(algorithm) -> int:
+    """Prompts that spend QUERIES_PER_ITERATION feedback queries (offline: as many pairs as REBEL's)."""
+    return QUERIES_PER_ITERATION // (algorithm.queries_per_prompt or algorithm.samples_per_prompt)
 
 
 def overrides(preset: str, run_dir: str, iterations: int) -> list[str]:
-    """The train.py command line of one entry: same task, iterations and reward queries per iteration."""
-    k = C.PRESETS[preset]().algorithm.samples_per_prompt
+    """The train.py command line of one entry: same task, iterations and feedback queries per iteration."""
+    prompts = prompts_per_iteration(C.PRESETS[preset]().algorithm)
     return ["--preset", preset, "--run_dir", os.path.join(run_dir, preset),
-            "--rebel.prompts_per_iteration", str(QUERIES_PER_ITERATION // k), "--optim.iterations", str(iterations),
+            "--rebel.prompts_per_iteration", str(prompts), "--optim.iterations", str(iterations),
             "--logging.tensorboard", "false", "--logging.progress", "false", "--checkpoint.every", "0",
             "--checkpoint.export_hf", "false"]
 
@@ -74,17 +84,23 @@ def summarize(preset: str, cfg: C.TrainConfig, wall_s: float) -> dict:
 
     reward, reward_se = mean_se("reward/mean")
     score, score_se = mean_se("score/mean")
-    return dict(preset=preset, algorithm=type(cfg.algorithm).__name__, k=cfg.algorithm.samples_per_prompt,
+    name = type(cfg.algorithm).__name__ + (f" + LoRA r={cfg.model.lora_rank}" if cfg.model.lora_rank else "")
+    return dict(preset=preset, algorithm=name, k=cfg.algorithm.samples_per_prompt,
+                feedback="offline pairs" if cfg.algorithm.offline else
+                ("preference model" if cfg.algorithm.needs_preferences else "reward model"),
+                prompts=cfg.rebel.prompts_per_iteration,
                 epochs=cfg.rebel.num_epochs, iterations=len(rows), first_score=rows[0]["score/mean"],
                 reward=reward, reward_se=reward_se, score=score, score_se=score_se,
                 kl=mean_se("kl/mean")[0], wall_s=wall_s, peak_gib=max(r["memory/peak_gib"] for r in rows))
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| algorithm | k | epochs | score (last 10%) | reward (score - KL term) | KL | wall s | peak GiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| algorithm | feedback | k | prompts/iter | epochs | score (last 10%) | reward (score - KL term) | KL "
+             "| wall s | peak GiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['algorithm']} | {r['k']} | {r['epochs']} | {r['score']:.3f} +- {r['score_se']:.3f} | "
+        lines.append(f"| {r['algorithm']} | {r.get('feedback', 'reward model')} | {r['k']} | {r.get('prompts', '-')} | "
+                     f"{r['epochs']} | {r['score']:.3f} +- {r['score_se']:.3f} | "
                      f"{r['reward']:.3f} +- {r['reward_se']:.3f} | {r['kl']:.2f} | {r['wall_s']:.0f} | "
                      f"{r['peak_gib']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 log pi_t and log pi_ref, and the KL-shaped rewards."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -16,22 +17,34 @@ IGNORE = -100
 class PolicyLogprobs(nn.Module):
     """Wraps a Hugging Face causal LM: response token log-probabilities straight from the final hidden
     states and the LM head through `fused_token_logprobs` (no logits). Under FSDP2 this wrapper is the
-    root module, so inside forward the LM head weight is the gathered tensor."""
+    root module, so inside forward the LM head weight is the gathered tensor.
 
-    def __init__(self, lm: nn.Module):
+    `autocast_dtype` (one unsharded process with a bf16 compute dtype; FSDP2's MixedPrecisionPolicy does
+    this for sharded runs): the forward runs under torch.autocast and the LM head enters the fused op in
+    the hidden states' dtype, while the parameters, their gradients and the optimizer stay float32."""
+
+    def __init__(self, lm: nn.Module, autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.lm = lm
+        self.autocast_dtype = autocast_dtype
 
     def forward(self, input_ids, attention_mask, labels, temperature: float) -> torch.Tensor:
         """input_ids/attention_mask [R, P + N] (prompt then response), labels [R, N] -> logp [R, N]."""
         n = labels.shape[1]
         start = input_ids.shape[1] - n  # first response position; hidden at start - 1 predicts it
         positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                    use_cache=False).last_hidden_state
+        autocast = (torch.autocast(input_ids.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                        use_cache=False).last_hidden_state
+        hidden = hidden[:, start - 1 : start - 1 + n]
         head = self.lm.get_output_embeddings()
-        return fused_token_logprobs(hidden[:, start - 1 : start - 1 + n], head.weight, labels, bias=head.bias,
-                                    temperature=temperature)
+        weight, bias = head.weight, head.bias
+        if self.autocast_dtype:  # the op takes one dtype; the cast is differentiable (fp32 master grads)
+            hidden, weight = hidden.to(self.autocast_dtype), weight.to(self.autocast_dtype)
+            bias = None if bias is None else bias.to(self.autocast_dtype)
+        return fused_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature)
 
 
 @dataclasses.dataclass

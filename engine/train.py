@@ -309,11 +309,15 @@ def train(cfg: config_mod.TrainConfig) -> dict:
     separate = d.sharded or compute_dtype != torch.float32 or cfg.model.activation_checkpointing
     inference = copy.deepcopy(policy).to(compute_dtype) if separate else policy
     parallel.train_only_top_layers(policy, cfg.model.train_top_layers)
-    policy_lp = rollout.PolicyLogprobs(policy)
+    # one unsharded GPU process with a bf16 compute dtype: autocast (sharded runs: FSDP2 mixed precision)
+    autocast = compute_dtype if (not d.sharded and d.device.type == "cuda" and compute_dtype != torch.float32) else None
+    policy_lp = rollout.PolicyLogprobs(policy, autocast_dtype=autocast)
     parallel.shard(policy_lp, policy, d, compute_dtype=compute_dtype, checkpointing=cfg.model.activation_checkpointing)
     if reference is None:  # LoRA: log pi_ref through the policy's own weights, adapters off
         reference_lp = lora.AdapterDisabled(policy_lp, policy)
     else:
+        if autocast:  # frozen: held in the compute dtype outright (half the memory)
+            reference.to(autocast)
         reference_lp = rollout.PolicyLogprobs(reference)
         parallel.shard(reference_lp, reference, d, compute_dtype=compute_dtype, checkpointing=False)
     sampler = Sampler(inference, eos_ids=eos_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id)

@@ -275,7 +275,8 @@ def test_top_layers_only_and_activation_checkpointing(tmp_path):
     assert math.isfinite(stats["loss/last"])
 
 
-@pytest.mark.parametrize("preset", ["counting_reinforce", "counting_rloo2", "counting_rloo4", "counting_iterative_dpo"])
+@pytest.mark.parametrize("preset", ["counting_reinforce", "counting_rloo2", "counting_rloo4", "counting_iterative_dpo",
+                                    "counting_dpo", "counting_rebel_preference", "counting_lora"])
 def test_comparison_algorithms_run_in_the_loop(preset, tmp_path):
     """The paper's peers train through the same loop: k samples per prompt, their own loss."""
     cfg = C.PRESETS[preset]()
@@ -298,3 +299,23 @@ def test_comparison_command_writes_table_and_plot(tmp_path):
     assert (tmp_path / "reward_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # equal reward queries per iteration: RLOO k=4 gets half the prompts
     assert json.loads((tmp_path / "counting_rloo4" / "config.json").read_text())["rebel"]["prompts_per_iteration"] == 32
+    # REBEL from preferences: 2 preference queries per prompt (3 samples); offline DPO: REBEL's 64 pairs
+    assert [compare.prompts_per_iteration(C.PRESETS[p]().algorithm)
+            for p in ("counting_rebel_preference", "counting_dpo", "counting_lora")] == [64, 64, 64]
+
+
+def test_autocast_policy_logprobs_keep_float32_parameters():
+    """One unsharded GPU process with model.dtype bfloat16 runs the policy under autocast (exercised
+    here on CPU): log-probs within bf16 error of float32, gradients reach the float32 parameters."""
+    lm = tiny_llama(char_tokenizer())
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 15, (4, 12), generator=g)
+    mask = torch.ones_like(ids)
+    labels = ids[:, 5:].clone()
+    exact = rollout.PolicyLogprobs(lm)(ids, mask, labels, 1.0).detach()
+    mixed = rollout.PolicyLogprobs(lm, autocast_dtype=torch.bfloat16)(ids, mask, labels, 1.0)
+    torch.testing.assert_close(mixed.float(), exact, rtol=0, atol=0.1)
+    assert (mixed - exact).abs().max() > 0  # computed in bf16
+    mixed.float().sum().backward()
+    assert all(p.dtype == torch.float32 for p in lm.parameters())
+    assert lm.lm_head.weight.grad is not None and lm.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
