@@ -23,16 +23,23 @@ def add_lora(lm: nn.Module, cfg) -> nn.Module:
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
     spec = cfg.lora_target_modules.strip()
-    targets = spec if spec == "all-linear" else [name.strip() for name in spec.split(",") if name.strip()]
+    targets = spec if spec == "all-linear" else _names(spec)
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
-                        bias="none", task_type="CAUSAL_LM")
+                        modules_to_save=_names(cfg.lora_modules_to_save) or None, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(lm, config).get_base_model()
 
 
-def _lora_layers(lm: nn.Module) -> list[nn.Module]:
-    from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
+def _names(spec: str) -> list[str]:
+    return [name.strip() for name in spec.split(",") if name.strip()]
 
-    return [m for m in lm.modules() if isinstance(m, BaseTunerLayer)]
+
+def _lora_layers(lm: nn.Module) -> list[nn.Module]:
+    """LoRA layers, and the wrappers of fully trained copies (modules_to_save), whose disabled state
+    is the original, frozen module."""
+    from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
+    from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: PLC0415
+
+    return [m for m in lm.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
 
 
 @contextlib.contextmanager

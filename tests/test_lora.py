@@ -40,13 +40,13 @@ def _train_adapters(lm, steps=3):
         opt.step()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_disabled_adapter_reproduces_the_base_logprobs_exactly(family):
+@pytest.mark.parametrize("family, save", [(f, "") for f in FAMILIES] + [("llama", "lm_head,embed_tokens")])
+def test_disabled_adapter_reproduces_the_base_logprobs_exactly(family, save):
     base = tiny_model(family)
     ids, mask, labels = _inputs(base.config.vocab_size)
     with torch.no_grad():
         expected = PolicyLogprobs(base)(ids, mask, labels, 0.7)
-    policy = add_lora(copy.deepcopy(base), C.ModelConfig(lora_rank=4, lora_alpha=8.0))
+    policy = add_lora(copy.deepcopy(base), C.ModelConfig(lora_rank=4, lora_alpha=8.0, lora_modules_to_save=save))
     _train_adapters(policy)
     policy_lp = PolicyLogprobs(policy)
     reference_lp = AdapterDisabled(policy_lp, policy)
@@ -60,7 +60,8 @@ def test_disabled_adapter_reproduces_the_base_logprobs_exactly(family):
     assert list(reference_lp.parameters()) == []  # no weights of its own
     # only the adapters train; they are trainable again after the disabled pass
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+    assert any("modules_to_save" in n for n in trainable) == bool(save)
 
 
 def test_adapters_are_re_enabled_after_an_exception():
