@@ -3,8 +3,9 @@
 # then `... part2` to `part5`; each part aims at the 10-minute limit of one call; the loss suite saves
 # its JSON after every test, so a part cut short keeps what it measured). Writes logs and JSON to $OUT.
 # Peers: the device reaches no package index; wheels placed in .whl/ (gitignored; pass carry [".whl"]),
-# e.g. liger-kernel and cut-cross-entropy from `pip download --no-deps`, are installed first. Peers that are
-# still missing are skipped with the reason in the log and the JSON rows.
+# are installed first, e.g. on the CPU machine: `pip download --no-deps -d .whl liger-kernel trl accelerate
+# datasets pyarrow dill multiprocess xxhash` (+ a cut-cross-entropy wheel built with `pip wheel --no-deps`).
+# Peers that are still missing are skipped with the reason in the log and the JSON rows.
 #   part1: build the CUDA extension, the test suite on CUDA (no interpreter), kernel correctness,
 #          tile sweep (incl. TMA) and fused-vs-naive at the Llama-3-8B head (bench/cuda_check.py).
 #   part2: pytest-benchmark loss suite, Llama-3-8B head (bf16, N 2k-32k, 10/50/100% response, fp32 spot check).

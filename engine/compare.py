@@ -114,13 +114,17 @@ def plot(results: list[dict], path: str) -> None:
 
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
+    placed = []
     for r in results:
         ax.scatter(r["kl"], r["score"], s=40)
-        ax.annotate(f"{r['algorithm']} k={r['k']}", (r["kl"], r["score"]), fontsize=8, xytext=(4, 4),
+        near = sum(abs(r["kl"] - kl) < 0.6 and abs(r["score"] - score) < 0.05 for kl, score in placed)
+        placed.append((r["kl"], r["score"]))  # labels of coinciding points stack instead of overlapping
+        ax.annotate(f"{r['algorithm']} k={r['k']}", (r["kl"], r["score"]), fontsize=8, xytext=(4, 4 + 10 * near),
                     textcoords="offset points")
+    ax.margins(x=0.12, y=0.15)  # room for the labels
     ax.set_xlabel("KL to the reference (nats, last 10% of iterations)")
     ax.set_ylabel("task score (last 10% of iterations)")
-    ax.set_title("Counting task: score vs KL, equal reward queries")
+    ax.set_title("Counting task: score vs KL, equal feedback queries")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
