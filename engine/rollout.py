@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -88,14 +89,18 @@ def from_rollout(ro: Rollout, prompts: list[str], tokenizer, samples: int = 2) -
                  responses=responses, samples=samples)
 
 
-def tokenize_responses(texts: list[str], tokenizer, eos_ids: list[int], width: int, device):
-    """Dataset responses as response rows: tokens + EOS, cut to `width` (a cut response counts as
-    unfinished). Returns (ids [n, width], mask [n, width] bool, finished [n] bool)."""
+def tokenize_responses(texts: list[str], tokenizer, eos_ids: list[int], device, *, width: int | None = None,
+                       max_width: int | None = None):
+    """Dataset responses as response rows: tokens + EOS, cut to `width` (None: the longest, at most
+    `max_width`); a cut response counts as unfinished. Returns (ids [n, W], mask [n, W] bool, finished [n])."""
+    tokens = [tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_ids[0]] for text in texts]
+    if width is None:
+        width = min(max(map(len, tokens)), max_width or math.inf)
     ids = torch.full((len(texts), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(texts), width), dtype=torch.bool, device=device)
     finished = torch.zeros(len(texts), dtype=torch.bool, device=device)
-    for i, text in enumerate(texts):
-        toks = (tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_ids[0]])[:width]
+    for i, toks in enumerate(tokens):
+        toks = toks[:width]
         ids[i, : len(toks)] = torch.tensor(toks, device=device)
         mask[i, : len(toks)] = True
         finished[i] = toks[-1] in eos_ids
@@ -105,8 +110,8 @@ def tokenize_responses(texts: list[str], tokenizer, eos_ids: list[int], width: i
 def with_offline_partners(ro: Rollout, partners: list[str], tokenizer, eos_ids: list[int]) -> Rollout:
     """Hybrid REBEL: rows B..2B-1 become the dataset's responses y' (tokenized, EOS appended, cut to
     the sampled responses' width); their sampler log-probabilities are 0 (they were not sampled)."""
-    ids, mask, finished = tokenize_responses(partners, tokenizer, eos_ids, ro.response_ids.shape[1],
-                                             ro.response_ids.device)
+    ids, mask, finished = tokenize_responses(partners, tokenizer, eos_ids, ro.response_ids.device,
+                                             width=ro.response_ids.shape[1])
     return Rollout(prompt_ids=ro.prompt_ids.repeat(2, 1), prompt_mask=ro.prompt_mask.repeat(2, 1),
                    response_ids=torch.cat([ro.response_ids, ids]), response_mask=torch.cat([ro.response_mask, mask]),
                    logprobs=torch.cat([ro.logprobs, torch.zeros_like(ro.logprobs)]),
@@ -117,9 +122,8 @@ def preference_pairs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, chosen
                      tokenizer, eos_ids: list[int], max_tokens: int) -> Rollout:
     """Offline preference data as a 2-sample rollout: rows 0..B-1 the chosen responses, B..2B-1 the
     rejected ones, each cut at `max_tokens` (with its EOS counted); nothing is sampled."""
-    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in chosen + rejected) + 1
-    ids, mask, finished = tokenize_responses(chosen + rejected, tokenizer, eos_ids, min(longest, max_tokens),
-                                             prompt_ids.device)
+    ids, mask, finished = tokenize_responses(chosen + rejected, tokenizer, eos_ids, prompt_ids.device,
+                                             max_width=max_tokens)
     return Rollout(prompt_ids=prompt_ids.repeat(2, 1), prompt_mask=prompt_mask.repeat(2, 1), response_ids=ids,
                    response_mask=mask, logprobs=torch.zeros(ids.shape, device=ids.device), finished=finished)
 
@@ -149,7 +153,6 @@ def sequence_logprobs(model: PolicyLogprobs, batch: Batch, *, micro_pairs: int, 
     return out
 
 
-def shape_rewards(scores: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, kl_coef: float):
-    """r = score - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)), sequence level. Returns (rewards, kl)."""
-    kl = old.sum(-1) - ref.sum(-1)
-    return scores - kl_coef * kl, kl
+def sequence_kl(old: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """log pi_t(y|x) - log pi_ref(y|x) per sequence [R] (ignored positions hold exact zeros)."""
+    return old.sum(-1) - ref.sum(-1)

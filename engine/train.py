@@ -4,9 +4,12 @@
     torchrun --nproc_per_node=2 engine/train.py             # the same on 2 processes (FSDP2 over gloo/NCCL)
     torchrun --nproc_per_node=8 engine/train.py --preset tldr_pythia_2b8 --optim.lr 3e-6
 
-One iteration: refresh the inference copy -> generate two responses per prompt -> cut at EOS, apply
-the missing-EOS penalty, score -> no-grad log pi_t and log pi_ref -> r = score - kl_coef * KL ->
-num_epochs passes of minibatches of the REBEL loss -> metrics -> checkpoint.
+One iteration: refresh the inference copy -> generate k responses per prompt (k = 2 for REBEL) -> cut
+at EOS, apply the missing-EOS penalty, score -> no-grad log pi_t and log pi_ref -> r = score - kl_coef * KL
+-> num_epochs passes of minibatches of the algorithm's loss (REBEL by default) -> metrics -> checkpoint.
+REBEL from preferences asks a preference model instead of scoring; offline DPO trains on the dataset's
+chosen/rejected pairs (and samples only to monitor the policy); with LoRA, log pi_ref is the policy with
+its adapters disabled.
 """
 from __future__ import annotations
 
@@ -146,10 +149,9 @@ def collect(cfg, d, sampler, prompt_set, chosen, tokenizer, feedback, policy_lp,
         kw = dict(micro_pairs=cfg.rebel.micro_batch_pairs, temperature=cfg.generation.temperature)
         batch.old_logprobs = rollout.sequence_logprobs(policy_lp, batch, **kw)
         batch.ref_logprobs = rollout.sequence_logprobs(reference_lp, batch, **kw)
-    kl = batch.old_logprobs.sum(-1) - batch.ref_logprobs.sum(-1)
-    if batch.scores is not None:
-        batch.rewards, kl = rollout.shape_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs,
-                                                  cfg.rebel.kl_coef)
+    kl = rollout.sequence_kl(batch.old_logprobs, batch.ref_logprobs)
+    if batch.scores is not None:  # r = score - kl_coef * (log pi_t - log pi_ref), sequence level
+        batch.rewards = batch.scores - cfg.rebel.kl_coef * kl
     return batch, _rollout_stats(batch, kl, gen_s, d)
 
 
