@@ -10,12 +10,11 @@ import torch.nn.functional as F
 
 from engine import config as C
 from engine import data, parallel, rewards, rollout
-from engine.algorithms import DPO, RebelPreference
 from engine.metrics import PhaseTimer
 from engine.tasks import char_tokenizer, counting_preference, counting_preference_pairs, counting_reward
-from engine.train import (Feedback, build_feedback, collect, collect_preference_pairs, load_models, make_optimizer,
-                          train, update)
-from tests.test_train import _metrics, _plain_logprobs, small_cfg
+from engine.train import (build_feedback, collect, collect_preference_pairs, load_models, make_optimizer, train,
+                          update)
+from tests.test_train import _metrics, _plain_logprobs
 
 # ----------------------------------------------------------------------------------------------
 # offline DPO
