@@ -148,7 +148,8 @@ def run_ours(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
 
     with _patched(train_mod, load_models=load_models, Sampler=Sampler, Checkpointer=NoFinalCheckpoint):
         train_mod.train(cfg)
-    precision = (f"train {_dtype(seen.get('policy'))}, reference {_dtype(seen.get('reference'))}, "
+    autocast = f" ({cfg.model.dtype} autocast)" if torch.cuda.is_available() and cfg.model.dtype != "float32" else ""
+    precision = (f"train {_dtype(seen.get('policy'))}{autocast}, reference {_dtype(seen.get('reference'))}, "
                  f"generate {_dtype(seen.get('generate'))}")
     n_rows = cfg.rebel.prompts_per_iteration * cfg.generation.samples_per_prompt
     return [_describe(cfg, case, "ours") | {f"{p}_s": m.get(f"time/{p}") for p in PHASES} | dict(
