@@ -222,6 +222,20 @@ def ultrafeedback_llama3_8b() -> TrainConfig:
     )
 
 
+def ultrafeedback_dpo_llama3_8b() -> TrainConfig:
+    """Offline DPO on UltraFeedback's preference pairs (HuggingFaceH4/ultrafeedback_binarized: a "prompt"
+    string and chat-transcript "chosen"/"rejected" columns), LoRA r = 16 so the reference costs no second
+    copy of the weights; a peer for the REBEL preset above on the same prompts."""
+    base = ultrafeedback_llama3_8b()
+    return dataclasses.replace(
+        base, run_dir="runs/ultrafeedback_dpo_llama3_8b", algorithm=DPO(beta=0.1),
+        model=ModelConfig(policy=base.model.policy, dtype="bfloat16", lora_rank=16, lora_alpha=32.0),
+        data=dataclasses.replace(base.data, chosen_column="chosen", rejected_column="rejected"),
+        reward=RewardConfig(),  # offline: no reward model (none is loaded, nothing is sampled)
+        rebel=dataclasses.replace(base.rebel, kl_coef=0.0, prompts_per_iteration=64, num_epochs=1, micro_batch_pairs=2),
+        optim=OptimConfig(iterations=950, lr=5e-6, warmup_iterations=10))
+
+
 def pythia_1b4_random() -> TrainConfig:
     """The paper's TL;DR iteration shape (512 prompts, 2 x 53 new tokens, 4 epochs) on a random-weight
     Pythia-1.4B and the counting task: a GPU benchmark of one REBEL iteration that needs no hub."""
@@ -266,6 +280,7 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "tldr_pythia_2b8": lambda: tldr_pythia("2.8b"),
     "tldr_pythia_6b9": lambda: tldr_pythia("6.9b"),
     "ultrafeedback_llama3_8b": ultrafeedback_llama3_8b,
+    "ultrafeedback_dpo_llama3_8b": ultrafeedback_dpo_llama3_8b,
     "counting_reinforce": lambda: counting_with(Reinforce(samples_per_prompt=2), epochs=1),
     "counting_rloo2": lambda: counting_with(RLOO(samples_per_prompt=2), epochs=1),
     "counting_rloo4": lambda: counting_with(RLOO(samples_per_prompt=4), epochs=1),

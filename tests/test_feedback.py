@@ -253,3 +253,30 @@ def test_non_finite_preference_skips_the_update(tmp_path):
         checkpoint=C.CheckpointConfig(every=0, export_hf=False))
     stats = train(cfg)
     assert stats["skipped_batches"] == 1 and "loss/first" not in stats
+
+
+def test_ultrafeedback_schema_from_a_datasets_directory(tmp_path):
+    """The ultrafeedback_dpo preset's data layout (HuggingFaceH4/ultrafeedback_binarized: split train_prefs,
+    a prompt string, chosen/rejected chat transcripts), saved locally, through offline DPO with LoRA."""
+    import datasets
+
+    def chat(prompt, answer):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+    rows = counting_preference_pairs(16)
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list([
+        {"prompt": r["prompt"], "chosen": chat(r["prompt"], r["chosen"]), "rejected": chat(r["prompt"], r["rejected"])}
+        for r in rows])}).save_to_disk(str(tmp_path / "uf"))
+    cfg = C.PRESETS["ultrafeedback_dpo_llama3_8b"]()
+    cfg = dataclasses.replace(
+        cfg, run_dir=str(tmp_path / "run"), model=dataclasses.replace(cfg.model, policy="builtin:tiny-llama", lora_rank=4),
+        data=dataclasses.replace(cfg.data, prompts=str(tmp_path / "uf"), chat_template=False),
+        generation=dataclasses.replace(cfg.generation, max_new_tokens=8),
+        rebel=dataclasses.replace(cfg.rebel, prompts_per_iteration=8, micro_batch_pairs=4),
+        optim=C.OptimConfig(iterations=2, lr=1e-3),
+        logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
+        checkpoint=C.CheckpointConfig(every=0, export_hf=False))
+    stats = train(cfg)
+    assert stats["loss/first"] != 0 and math.isfinite(stats["loss/last"]) and "time/generate" not in stats
+    # first iteration: LoRA starts at the base model, so every margin is exactly 0 and the loss is log 2
+    assert _metrics(tmp_path / "run")[0]["loss/first"] == pytest.approx(math.log(2), rel=1e-6)
