@@ -115,8 +115,9 @@ def build_preference(cfg: RewardConfig, *, default: str | None, device, dtype=No
                                template=cfg.preference_template, dtype=dtype)
     if cfg.preference_function:
         return import_function(cfg.preference_function, BUILTIN_PREFERENCES, "reward.preference_function")
-    if default and default.split(":", 1)[1] in BUILTIN_PREFERENCES:
-        return BUILTIN_PREFERENCES[default.split(":", 1)[1]]
+    task = default.split(":", 1)[1] if default else None  # the built-in task's preference, if it has one
+    if task in BUILTIN_PREFERENCES:
+        return BUILTIN_PREFERENCES[task]
     raise ValueError("no preference model: set reward.preference_model or reward.preference_function")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from engine.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
 from engine.generate import Sampler, eos_token_ids
 from engine.metrics import MetricsLogger, PhaseTimer, Progress
 from engine.tasks import BUILTIN_MODELS
-from engine.algorithms import AlgoBatch
+from engine.algorithms import AlgoBatch, anchor_preferences
 
 log = logging.getLogger("rebel")
 
@@ -159,8 +160,8 @@ def _anchor_preferences(prefer, batch: rollout.Batch, device) -> torch.Tensor:
     """REBEL from preferences: [2B] P(y_s > y'' | x) for s = 0, 1 against the anchor sample y'' (rows
     2B..3B-1), one preference-model call, with the missing-EOS rule applied."""
     b = batch.groups
-    anchors = batch.responses[2 * b :]
-    prefs = rewards.preferences(prefer, batch.prompts[: 2 * b], batch.responses[: 2 * b], anchors * 2, device)
+    checked = functools.partial(rewards.preferences, prefer, device=device)  # count and range checked
+    prefs = anchor_preferences(checked, batch.prompts[:b], batch.responses)
     ruled = rollout.apply_eos_rule(prefs, batch.finished[: 2 * b], batch.finished[2 * b :].repeat(2))
     return torch.where(torch.isfinite(prefs), ruled, prefs)  # a broken model's NaN still skips the update
 
