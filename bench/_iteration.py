@@ -62,8 +62,8 @@ _QUIET = (("checkpoint.every", "0"), ("checkpoint.export_hf", "false"), ("loggin
 CASES = {c.name: c for c in (
     # CPU, seconds: the tiny random Llama on the counting task, 16 prompts x 2 samples x 8 new tokens; one
     # thread (tiny ops gain nothing from more, and it keeps a busy 2-core CI machine from oversubscribing).
-    IterCase("cpu-tiny", "default", (("rebel.prompts_per_iteration", "16"), ("generation.max_new_tokens", "8"),
-                                     ("generation.temperature", "0.7"), ("rebel.num_epochs", "4")), cuda=False,
+    IterCase("cpu-tiny", "default", (("train.prompts_per_iteration", "16"), ("generation.max_new_tokens", "8"),
+                                     ("generation.temperature", "0.7"), ("train.num_epochs", "4")), cuda=False,
              timeout_s=120, threads=1),
     # The paper's TL;DR iteration shape: 512 prompts x 2 x 53 new tokens, 4 epochs, random Pythia-1.4B.
     # Estimated at about a minute an iteration on an H100; the first includes CUDA graph capture.
@@ -93,9 +93,9 @@ def _peak_gib() -> float:
 
 def _describe(cfg, case: IterCase, provider: str) -> dict:
     return dict(suite="iteration", case=case.name, provider=provider, model=cfg.model.policy.removeprefix("builtin:"),
-                prompts=cfg.rebel.prompts_per_iteration, samples_per_prompt=cfg.generation.samples_per_prompt,
-                new_tokens=cfg.generation.max_new_tokens, epochs=cfg.rebel.num_epochs,
-                minibatches=cfg.rebel.minibatches, micro_batch_rows=2 * cfg.rebel.micro_batch_pairs,
+                prompts=cfg.train.prompts_per_iteration, samples_per_prompt=cfg.generation.samples_per_prompt,
+                new_tokens=cfg.generation.max_new_tokens, epochs=cfg.train.num_epochs,
+                minibatches=cfg.train.minibatches, micro_batch_rows=cfg.generation.samples_per_prompt * cfg.train.micro_batch_prompts,
                 dtype=cfg.model.dtype, threads=torch.get_num_threads(),
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 
@@ -109,52 +109,31 @@ def _dtype(module) -> str | None:
 # ours
 
 
-@contextlib.contextmanager
-def _patched(module, **attrs):
-    """Set module attributes for the duration of the block (setup hooks only, never the timed code)."""
-    saved = {name: getattr(module, name) for name in attrs}
-    for name, value in attrs.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
-
-
 def run_ours(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
-    """engine.train.train on the case's config; phases from the run's metrics.jsonl (PhaseTimer).
-    Setup is wrapped to see the models train() builds (their dtypes); the final checkpoint, written
-    after the last iteration's metrics, is skipped (Pythia-1.4B: about 22 GB of disk and time)."""
-    from engine import train as train_mod  # noqa: PLC0415
+    """The engine's loop on the case's config (engine.build.build -> engine.loop.run); phases from the
+    run's metrics.jsonl (PhaseTimer). The built run's checkpointer is swapped for one that writes nothing
+    (Pythia-1.4B: about 22 GB of disk and time a checkpoint); precision is read off the built models."""
+    from engine import loop  # noqa: PLC0415
+    from engine.build import build  # noqa: PLC0415
     from engine.metrics import read_metrics  # noqa: PLC0415
 
-    cfg = train_config(case, iterations, run_dir)
-    seen = {}
-    load = train_mod.load_models
-
-    def load_models(*a, **kw):
-        seen["policy"], seen["reference"], _ = out = load(*a, **kw)
-        return out
-
-    class Sampler(train_mod.Sampler):
-        def __init__(self, model, *a, **kw):
-            seen["generate"] = model
-            super().__init__(model, *a, **kw)
-
-    class NoFinalCheckpoint(train_mod.Checkpointer):
+    class NoCheckpoint:
         def save(self, *a, **kw):
             pass
 
-    with _patched(train_mod, load_models=load_models, Sampler=Sampler, Checkpointer=NoFinalCheckpoint):
-        train_mod.train(cfg)
-    autocast = f" ({cfg.model.dtype} autocast)" if torch.cuda.is_available() and cfg.model.dtype != "float32" else ""
-    precision = (f"train {_dtype(seen.get('policy'))}{autocast}, reference {_dtype(seen.get('reference'))}, "
-                 f"generate {_dtype(seen.get('generate'))}")
-    n_rows = cfg.rebel.prompts_per_iteration * cfg.generation.samples_per_prompt
+    cfg = train_config(case, iterations, run_dir)
+    run = build(cfg)
+    run.checkpointer = NoCheckpoint()
+    loop.run(run)
+    reference = getattr(run.reference_lp, "lm", None)
+    amp = run.precision.autocast_dtype
+    autocast = f" ({str(amp).removeprefix('torch.')} autocast)" if amp is not None else ""
+    precision = (f"train {_dtype(run.policy)}{autocast}, reference {_dtype(reference)}, "
+                 f"generate {_dtype(run.inference)}")
+    n_rows = cfg.train.prompts_per_iteration * cfg.generation.samples_per_prompt
     return [_describe(cfg, case, "ours") | {f"{p}_s": m.get(f"time/{p}") for p in PHASES} | dict(
         iteration=m["iteration"], iteration_s=m["time/iteration"], peak_gib=m["memory/peak_gib"],
-        tokens=round(m["response_length/mean"] * n_rows), optimizer_steps=cfg.rebel.num_epochs * cfg.rebel.minibatches,
+        tokens=round(m["response_length/mean"] * n_rows), optimizer_steps=cfg.train.num_epochs * cfg.train.minibatches,
         precision=precision, note="REBEL loss; engine/train.py in one process") for m in read_metrics(run_dir)]
 
 
@@ -231,8 +210,8 @@ def trl_config(cfg, iterations: int, output_dir: str):
     the generation batch); max_steps counts optimizer steps."""
     from trl import RLOOConfig  # noqa: PLC0415
 
-    k, rows = cfg.generation.samples_per_prompt, cfg.rebel.prompts_per_iteration * cfg.generation.samples_per_prompt
-    micro = min(k * cfg.rebel.micro_batch_pairs, rows // cfg.rebel.minibatches)
+    k, rows = cfg.generation.samples_per_prompt, cfg.train.prompts_per_iteration * cfg.generation.samples_per_prompt
+    micro = min(k * cfg.train.micro_batch_prompts, rows // cfg.train.minibatches)
     cuda = torch.cuda.is_available()
     return RLOOConfig(
         output_dir=output_dir, report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
@@ -240,10 +219,10 @@ def trl_config(cfg, iterations: int, output_dir: str):
         gradient_checkpointing=cfg.model.activation_checkpointing, disable_dropout=True,
         num_generations=k, max_completion_length=cfg.generation.max_new_tokens,
         temperature=cfg.generation.temperature, top_k=cfg.generation.top_k, top_p=cfg.generation.top_p,
-        per_device_train_batch_size=micro, gradient_accumulation_steps=rows // cfg.rebel.minibatches // micro,
-        generation_batch_size=rows, num_iterations=cfg.rebel.num_epochs,
-        max_steps=iterations * cfg.rebel.num_epochs * cfg.rebel.minibatches,
-        beta=cfg.rebel.kl_coef, learning_rate=cfg.optim.lr, lr_scheduler_type="linear", warmup_steps=0,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=rows // cfg.train.minibatches // micro,
+        generation_batch_size=rows, num_iterations=cfg.train.num_epochs,
+        max_steps=iterations * cfg.train.num_epochs * cfg.train.minibatches,
+        beta=cfg.reward.kl_coef, learning_rate=cfg.optim.lr, lr_scheduler_type="linear", warmup_steps=0,
         weight_decay=cfg.optim.weight_decay, adam_epsilon=cfg.optim.adam_eps,
         max_grad_norm=cfg.optim.max_grad_norm or 0.0, use_vllm=False, dataloader_num_workers=0,
     )
@@ -263,7 +242,7 @@ def run_trl(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
     make_tokenizer, make_model = BUILTIN_MODELS[cfg.model.policy.removeprefix("builtin:")]
     tokenizer = make_tokenizer()
     policy = make_model(tokenizer, seed=cfg.seed)
-    rows = data.load_rows(cfg.data)[: cfg.rebel.prompts_per_iteration * iterations]
+    rows = data.load_rows(cfg.data)[: cfg.train.prompts_per_iteration * iterations]
     dataset = datasets.Dataset.from_list([{"prompt": r[cfg.data.prompt_column]} for r in rows])
     clock = _Clock()
 

@@ -51,6 +51,7 @@ class RewardConfig:
     model: str | None = None  # a Hugging Face sequence-classification reward model
     function: str | None = None  # "package.module:function" scoring (prompts, responses) -> list[float]
     missing_eos_penalty: float = -1.0  # replaces the score of a response that never emitted EOS
+    kl_coef: float = 0.05  # r = score - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)), sequence level
     batch_size: int = 32
     # REBEL from preferences: P(y > y' | x) from a pairwise sequence-classification model (one logit,
     # P = sigmoid, averaged over both orders) reading `preference_template`, or from a Python function
@@ -61,14 +62,13 @@ class RewardConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
-class RebelConfig:
-    """The iteration's batch: shared by REBEL and the comparison algorithms."""
+class TrainingConfig:
+    """The iteration's batch and its optimizer steps, for every algorithm (k samples per prompt)."""
 
-    kl_coef: float = 0.05
     prompts_per_iteration: int = 64
     num_epochs: int = 4  # passes over each iteration's batch
     minibatches: int = 1  # optimizer steps per epoch (the paper: 1, i.e. accumulate the whole batch)
-    micro_batch_pairs: int = 16  # prompts (pairs, for REBEL) per forward/backward, all their samples together; gradients accumulate
+    micro_batch_prompts: int = 16  # prompts per forward/backward, each with all its k samples; gradients accumulate
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -104,7 +104,7 @@ class TrainConfig:
     generation: SamplingConfig = dataclasses.field(
         default_factory=lambda: SamplingConfig(max_new_tokens=8, temperature=1.0, samples_per_prompt=2))
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
-    rebel: RebelConfig = dataclasses.field(default_factory=RebelConfig)
+    train: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     algorithm: Algorithm = dataclasses.field(default_factory=Rebel)  # the loss; presets construct others
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
@@ -116,24 +116,24 @@ class TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Cross-field checks; each error names the key and the value."""
-    positive = {"rebel.prompts_per_iteration": cfg.rebel.prompts_per_iteration,
-                "rebel.num_epochs": cfg.rebel.num_epochs, "rebel.minibatches": cfg.rebel.minibatches,
-                "rebel.micro_batch_pairs": cfg.rebel.micro_batch_pairs, "optim.iterations": cfg.optim.iterations,
+    positive = {"train.prompts_per_iteration": cfg.train.prompts_per_iteration,
+                "train.num_epochs": cfg.train.num_epochs, "train.minibatches": cfg.train.minibatches,
+                "train.micro_batch_prompts": cfg.train.micro_batch_prompts, "optim.iterations": cfg.optim.iterations,
                 "optim.lr": cfg.optim.lr, "optim.adam_eps": cfg.optim.adam_eps, "checkpoint.keep": cfg.checkpoint.keep,
                 "data.max_prompt_tokens": cfg.data.max_prompt_tokens, "reward.batch_size": cfg.reward.batch_size}
     for key, value in positive.items():
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{key} must be > 0, got {value!r}")
-    for key, value in {"rebel.kl_coef": cfg.rebel.kl_coef, "optim.weight_decay": cfg.optim.weight_decay,
+    for key, value in {"reward.kl_coef": cfg.reward.kl_coef, "optim.weight_decay": cfg.optim.weight_decay,
                        "optim.warmup_iterations": cfg.optim.warmup_iterations, "checkpoint.every": cfg.checkpoint.every,
                        "model.train_top_layers": cfg.model.train_top_layers}.items():
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{key} must be >= 0, got {value!r}")
     if cfg.optim.max_grad_norm is not None and not cfg.optim.max_grad_norm > 0:
         raise ValueError(f"optim.max_grad_norm must be > 0 or None, got {cfg.optim.max_grad_norm!r}")
-    if cfg.rebel.prompts_per_iteration % cfg.rebel.minibatches:
-        raise ValueError(f"rebel.prompts_per_iteration ({cfg.rebel.prompts_per_iteration}) must be divisible by "
-                         f"rebel.minibatches ({cfg.rebel.minibatches})")
+    if cfg.train.prompts_per_iteration % cfg.train.minibatches:
+        raise ValueError(f"train.prompts_per_iteration ({cfg.train.prompts_per_iteration}) must be divisible by "
+                         f"train.minibatches ({cfg.train.minibatches})")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {cfg.model.dtype!r}")
     k = cfg.algorithm.samples_per_prompt
@@ -201,9 +201,9 @@ def tldr_pythia(size: str) -> TrainConfig:
         model=ModelConfig(policy=f"vwxyzjn/EleutherAI_pythia-{size}-deduped__sft__tldr", dtype="bfloat16"),
         data=DataConfig(prompts="trl-lib/tldr", prompt_column="prompt", max_prompt_tokens=512),
         generation=SamplingConfig(max_new_tokens=53, temperature=0.7, samples_per_prompt=2),
-        reward=RewardConfig(model=f"vwxyzjn/EleutherAI_pythia-{size}-deduped__reward__tldr", missing_eos_penalty=-1.0),
-        rebel=RebelConfig(kl_coef=0.05, prompts_per_iteration=512, num_epochs=4, minibatches=1,
-                          micro_batch_pairs=8),
+        reward=RewardConfig(model=f"vwxyzjn/EleutherAI_pythia-{size}-deduped__reward__tldr", missing_eos_penalty=-1.0,
+                            kl_coef=0.05),
+        train=TrainingConfig(prompts_per_iteration=512, num_epochs=4, minibatches=1, micro_batch_prompts=8),
         optim=OptimConfig(iterations=228, lr=3e-6, adam_eps=1e-5),
     )
 
@@ -216,8 +216,9 @@ def ultrafeedback_llama3_8b() -> TrainConfig:
         data=DataConfig(prompts="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs", prompt_column="prompt",
                         chat_template=True, max_prompt_tokens=1024),
         generation=SamplingConfig(max_new_tokens=1024, temperature=0.5, samples_per_prompt=2),
-        reward=RewardConfig(model="RLHFlow/ArmoRM-Llama3-8B-v0.1", missing_eos_penalty=-4.0, batch_size=8),
-        rebel=RebelConfig(kl_coef=0.0, prompts_per_iteration=32, num_epochs=1, micro_batch_pairs=2),
+        reward=RewardConfig(model="RLHFlow/ArmoRM-Llama3-8B-v0.1", missing_eos_penalty=-4.0, batch_size=8,
+                            kl_coef=0.0),
+        train=TrainingConfig(prompts_per_iteration=32, num_epochs=1, micro_batch_prompts=2),
         optim=OptimConfig(iterations=1000, lr=1e-7),
     )
 
@@ -231,8 +232,8 @@ def ultrafeedback_dpo_llama3_8b() -> TrainConfig:
         base, run_dir="runs/ultrafeedback_dpo_llama3_8b", algorithm=DPO(beta=0.1),
         model=ModelConfig(policy=base.model.policy, dtype="bfloat16", lora_rank=16, lora_alpha=32.0),
         data=dataclasses.replace(base.data, chosen_column="chosen", rejected_column="rejected"),
-        reward=RewardConfig(),  # offline: no reward model (none is loaded, nothing is sampled)
-        rebel=dataclasses.replace(base.rebel, kl_coef=0.0, prompts_per_iteration=64, num_epochs=1, micro_batch_pairs=2),
+        reward=RewardConfig(kl_coef=0.0),  # offline: no reward model (none is loaded, nothing is sampled)
+        train=dataclasses.replace(base.train, prompts_per_iteration=64, num_epochs=1, micro_batch_prompts=2),
         optim=OptimConfig(iterations=950, lr=5e-6, warmup_iterations=10))
 
 
@@ -243,7 +244,7 @@ def pythia_1b4_random() -> TrainConfig:
         run_dir="runs/pythia_1b4_random",
         model=ModelConfig(policy="builtin:pythia-1.4b-random", dtype="bfloat16"),
         generation=SamplingConfig(max_new_tokens=53, temperature=0.7, samples_per_prompt=2),
-        rebel=RebelConfig(prompts_per_iteration=512, num_epochs=4, minibatches=1, micro_batch_pairs=16),
+        train=TrainingConfig(prompts_per_iteration=512, num_epochs=4, minibatches=1, micro_batch_prompts=16),
         optim=OptimConfig(iterations=3, lr=3e-6),
         checkpoint=CheckpointConfig(every=0, export_hf=False),
     )
@@ -259,7 +260,7 @@ def counting_with(algorithm: Algorithm, *, epochs: int) -> TrainConfig:
         base, run_dir=f"runs/counting_{type(algorithm).__name__.lower()}{algorithm.samples_per_prompt}",
         algorithm=algorithm, data=data,
         generation=dataclasses.replace(base.generation, samples_per_prompt=algorithm.samples_per_prompt),
-        rebel=dataclasses.replace(base.rebel, num_epochs=epochs))
+        train=dataclasses.replace(base.train, num_epochs=epochs))
 
 
 def counting_lora() -> TrainConfig:
@@ -314,12 +315,21 @@ def _parse(key: str, text: str, annotation):
         raise ValueError(f"--{key}: cannot read {text!r} as {annotation.__name__}") from None
 
 
+# Keys of earlier releases (the REBEL-only `rebel` section): rejected with the new name.
+RENAMED = {"rebel.kl_coef": "reward.kl_coef", "rebel.prompts_per_iteration": "train.prompts_per_iteration",
+           "rebel.num_epochs": "train.num_epochs", "rebel.minibatches": "train.minibatches",
+           "rebel.micro_batch_pairs": "train.micro_batch_prompts",
+           "train.micro_batch_pairs": "train.micro_batch_prompts"}
+
+
 def apply_overrides(cfg: TrainConfig, pairs: list[tuple[str, str]]) -> TrainConfig:
     """Return a new config with `section.key=value` overrides applied and re-validated."""
     sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     changes: dict[str, dict] = {}
     top: dict = {}
     for key, text in pairs:
+        if key in RENAMED or key == "rebel":
+            raise ValueError(f"--{key} was renamed: use --{RENAMED.get(key, 'train.<field>')}")
         name, _, field = key.partition(".")
         if name not in sections:
             raise ValueError(f"unknown config key --{key}{_suggest(name, sections)}")
@@ -349,7 +359,7 @@ def to_json(cfg: TrainConfig) -> str:
 
 
 def from_json(text: str) -> TrainConfig:
-    raw = json.loads(text)
+    raw = _renamed_sections(json.loads(text))
     sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
     kwargs = {}
     for name, value in raw.items():
@@ -362,3 +372,13 @@ def from_json(text: str) -> TrainConfig:
         elif name in sections:
             kwargs[name] = value
     return TrainConfig(**kwargs)
+
+
+def _renamed_sections(raw: dict) -> dict:
+    """A config.json of an earlier release (a `rebel` section) in today's names."""
+    old = raw.pop("rebel", None)
+    if old is not None:
+        for key, value in old.items():
+            section, field = RENAMED[f"rebel.{key}"].split(".")
+            raw.setdefault(section, {})[field] = value
+    return raw

@@ -75,26 +75,38 @@ def train_only_top_layers(lm: nn.Module, k: int) -> None:
     lm.get_output_embeddings().requires_grad_(True)
 
 
-def shard(wrapper: nn.Module, lm: nn.Module, d: Dist, *, compute_dtype: torch.dtype, checkpointing: bool) -> None:
-    """FSDP2: one group per decoder layer, the rest (embeddings, final norm, LM head; tied embeddings
-    included) in the wrapper's root group, whose forward gathers them for the fused loss."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415
+def apply_activation_checkpointing(lm: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward instead of storing them."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper  # noqa: PLC0415
 
     layers = decoder_layers(lm)
-    if checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper  # noqa: PLC0415
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer)
 
-        for i, layer in enumerate(layers):
-            layers[i] = checkpoint_wrapper(layer)
-    mp = None
-    if d.device.type == "cuda" and compute_dtype != torch.float32:
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    kw = {"mp_policy": mp} if mp is not None else {}
+
+def shard(wrapper: nn.Module, lm: nn.Module, d: Dist, *, mp_policy=None) -> None:
+    """FSDP2 (torchrun only): one group per decoder layer, the rest (embeddings, final norm, LM head;
+    tied embeddings included) in the wrapper's root group, whose forward gathers them for the fused
+    loss. `mp_policy`: FSDP2's MixedPrecisionPolicy (see engine/precision.py), None for full precision."""
     if not d.sharded:
         return
-    for layer in layers:
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    kw = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    for layer in decoder_layers(lm):
         fully_shard(layer, **kw)
     fully_shard(wrapper, **kw)
+
+
+def global_mean_std(x: torch.Tensor, d: Dist) -> tuple[float, float]:
+    """Mean and (unbiased) standard deviation of x over all ranks' elements."""
+    x = x.detach().double().reshape(-1)
+    count = torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)
+    sums = all_reduce(torch.stack([x.sum(), (x * x).sum(), count]), d)
+    n = max(sums[2].item(), 1.0)
+    mean = sums[0].item() / n
+    var = max(sums[1].item() / n - mean * mean, 0.0) * n / max(n - 1, 1.0)
+    return mean, var**0.5
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
-"""From sampled responses to a REBEL training batch: labels, the missing-EOS penalty, scores,
-log pi_t and log pi_ref, and the KL-shaped rewards."""
+"""From sampled responses to training batches: response rows and labels, the missing-EOS rules, the
+training forward (log-probabilities through the fused op), log pi_t - log pi_ref and the KL-shaped reward."""
 from __future__ import annotations
 
 import contextlib
@@ -48,45 +48,59 @@ class PolicyLogprobs(nn.Module):
         return fused_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature)
 
 
-@dataclasses.dataclass
-class Batch:
-    """2B rows, pair i = rows (i, B + i); per-token tensors cover the response positions only."""
+@dataclasses.dataclass(frozen=True)
+class Responses:
+    """k samples of B prompts, sample-major: row s * B + i is sample s of prompt i (with two samples,
+    pair i = rows (i, B + i)). Per-token tensors cover the response positions only."""
 
-    input_ids: torch.Tensor  # [2B, P + N]
-    attention_mask: torch.Tensor  # [2B, P + N]
-    labels: torch.Tensor  # [2B, N], IGNORE after the first EOS
-    finished: torch.Tensor  # [2B] bool
-    sampler_logprobs: torch.Tensor  # [2B, N]
-    sampled: torch.Tensor  # [2B] bool: drawn from the policy (False: hybrid partner from the dataset)
-    prompts: list[str]
-    responses: list[str]
-    old_logprobs: torch.Tensor | None = None  # [2B, N] log pi_t
-    ref_logprobs: torch.Tensor | None = None  # [2B, N] log pi_ref
-    scores: torch.Tensor | None = None  # [2B] after the missing-EOS penalty
-    rewards: torch.Tensor | None = None  # [2B] scores - kl_coef * KL
-    anchor_preferences: torch.Tensor | None = None  # [2B] P(y_s > y'') (REBEL from preferences, 3 samples)
-
-    samples: int = 2  # responses per prompt: row s * B + i is sample s of prompt i
+    input_ids: torch.Tensor  # [kB, P + N]
+    attention_mask: torch.Tensor  # [kB, P + N]
+    labels: torch.Tensor  # [kB, N], IGNORE after the first EOS
+    finished: torch.Tensor  # [kB] bool
+    sampler_logprobs: torch.Tensor  # [kB, N]
+    sampled: torch.Tensor  # [kB] bool: drawn from the policy (False: hybrid partner or dataset response)
+    prompts: list[str]  # [kB]
+    responses: list[str]  # [kB]
+    samples: int = 2  # k
 
     @property
     def groups(self) -> int:
-        """B, the number of prompts (with two samples: pairs)."""
+        """B, the number of prompts."""
         return self.labels.shape[0] // self.samples
 
     def rows(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        """Row indices of all samples of some prompts, in the sample-major layout of a smaller batch
-        (with two samples: pair i = rows (i, B' + i))."""
+        """Row indices of all samples of some prompts, in the sample-major layout of a smaller batch."""
         return torch.cat([prompt_ids + s * self.groups for s in range(self.samples)])
 
 
-def from_rollout(ro: Rollout, prompts: list[str], tokenizer, samples: int = 2) -> Batch:
+@dataclasses.dataclass(frozen=True)
+class Batch(Responses):
+    """A complete training batch: the responses and everything the losses read, built once by
+    `engine/collect.py`. None where the algorithm's feedback does not produce it."""
+
+    old_logprobs: torch.Tensor | None = None  # [kB, N] log pi_t
+    ref_logprobs: torch.Tensor | None = None  # [kB, N] log pi_ref
+    kl: torch.Tensor | None = None  # [kB] log pi_t(y|x) - log pi_ref(y|x)
+    scores: torch.Tensor | None = None  # [kB] after the missing-EOS penalty
+    anchor_preferences: torch.Tensor | None = None  # [2B] P(y_s > y'') (REBEL from preferences, 3 samples)
+    rewards: torch.Tensor | None = None  # [kB] (preferences: [2B]) the KL-shaped reward, see shape_rewards
+
+    @classmethod
+    def of(cls, responses: Responses, **feedback) -> Batch:
+        return cls(**{f.name: getattr(responses, f.name) for f in dataclasses.fields(Responses)}, **feedback)
+
+
+def from_rollout(ro: Rollout, prompts: list[str], tokenizer, samples: int = 2,
+                 sampled: torch.Tensor | None = None) -> Responses:
+    """The sampler's output as response rows: labels (IGNORE after EOS), decoded texts, the full mask.
+    `sampled` [kB] marks rows drawn from the policy (default: all)."""
     labels = torch.where(ro.response_mask, ro.response_ids, IGNORE)
     responses = tokenizer.batch_decode(torch.where(ro.response_mask, ro.response_ids, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
     mask = torch.cat([ro.prompt_mask, ro.response_mask.to(ro.prompt_mask.dtype)], dim=1)
-    return Batch(input_ids=ro.sequences, attention_mask=mask, labels=labels, finished=ro.finished,
-                 sampler_logprobs=ro.logprobs, sampled=torch.ones_like(ro.finished), prompts=list(prompts),
-                 responses=responses, samples=samples)
+    return Responses(input_ids=ro.sequences, attention_mask=mask, labels=labels, finished=ro.finished,
+                     sampler_logprobs=ro.logprobs, sampled=torch.ones_like(ro.finished) if sampled is None else sampled,
+                     prompts=list(prompts), responses=responses, samples=samples)
 
 
 def tokenize_responses(texts: list[str], tokenizer, eos_ids: list[int], device, *, width: int | None = None,
@@ -143,11 +157,12 @@ def apply_eos_penalty(raw: torch.Tensor, finished: torch.Tensor, penalty: float)
 
 
 @torch.no_grad()
-def sequence_logprobs(model: PolicyLogprobs, batch: Batch, *, micro_pairs: int, temperature: float) -> torch.Tensor:
+def sequence_logprobs(model: PolicyLogprobs, batch: Responses, *, micro_prompts: int,
+                      temperature: float) -> torch.Tensor:
     """Per-token log-probabilities [kB, N] of the batch's responses, by micro-batches of prompts in order
     (the first training epoch walks the same micro-batches, so its ratio starts at exactly 0)."""
     out = torch.zeros(batch.labels.shape, dtype=torch.float32, device=batch.labels.device)
-    for prompt_ids in torch.arange(batch.groups, device=batch.labels.device).split(micro_pairs):
+    for prompt_ids in torch.arange(batch.groups, device=batch.labels.device).split(micro_prompts):
         rows = batch.rows(prompt_ids)
         out[rows] = model(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows], temperature).float()
     return out
@@ -156,3 +171,10 @@ def sequence_logprobs(model: PolicyLogprobs, batch: Batch, *, micro_pairs: int, 
 def sequence_kl(old: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """log pi_t(y|x) - log pi_ref(y|x) per sequence [R] (ignored positions hold exact zeros)."""
     return old.sum(-1) - ref.sum(-1)
+
+
+def shape_rewards(signal: torch.Tensor, kl: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """The one place the KL penalty enters: r = signal - kl_coef * (log pi_t - log pi_ref), sequence
+    level. `signal` is the score after the missing-EOS penalty, or for REBEL from preferences the
+    skew-symmetric target l = 2 P(y > y'') - 1."""
+    return signal - kl_coef * kl

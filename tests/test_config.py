@@ -30,7 +30,10 @@ def test_overrides_are_typed():
     ([("generation.temperature", "0")], "temperature must be > 0"),
     ([("generation.samples_per_prompt", "3")], "samples_per_prompt must be 2"),
     ([("model.dtype", "float16")], "model.dtype"),
-    ([("rebel.minibatches", "3")], "divisible"),
+    ([("train.minibatches", "3")], "divisible"),
+    ([("rebel.num_epochs", "2")], "renamed: use --train.num_epochs"),
+    ([("rebel.micro_batch_pairs", "2")], "renamed: use --train.micro_batch_prompts"),
+    ([("rebel.kl_coef", "0.1")], "renamed: use --reward.kl_coef"),
     ([("optim", "1")], "is a section"),
 ])
 def test_bad_overrides_name_the_key(pairs, match):
@@ -40,6 +43,6 @@ def test_bad_overrides_name_the_key(pairs, match):
 
 def test_cli_parses_preset_and_overrides():
     cfg = parse_args(["--preset", "tldr_pythia_1b4", "--optim.lr", "1e-6", "--algorithm.eta", "0.5"])
-    assert cfg.optim.lr == 1e-6 and cfg.algorithm.eta == 0.5 and cfg.rebel.prompts_per_iteration == 512
+    assert cfg.optim.lr == 1e-6 and cfg.algorithm.eta == 0.5 and cfg.train.prompts_per_iteration == 512
     with pytest.raises(SystemExit):
         parse_args(["--optim.lr"])  # a key without a value

@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from engine import config as C
-from engine import data, parallel, rewards, rollout
-from engine.metrics import PhaseTimer
+from engine import data, rewards, rollout
+from engine.build import build
+from engine.collect import collect, collect_preference_pairs
 from engine.tasks import char_tokenizer, counting_preference, counting_preference_pairs, counting_reward
-from engine.train import (build_feedback, collect, collect_preference_pairs, load_models, make_optimizer, train,
-                          update)
-from tests.test_train import _metrics, _plain_logprobs
+from engine.train import train
+from engine.update import update
+from tests.test_train import _metrics, _plain_logprobs, _with
 
 # ----------------------------------------------------------------------------------------------
 # offline DPO
@@ -44,8 +45,8 @@ def test_response_columns_accept_text_and_chat_transcripts(tmp_path):
 
 def _dpo_cfg(tmp_path, **over):
     base = C.PRESETS["counting_dpo"]()
-    return dataclasses.replace(base, run_dir=str(tmp_path), rebel=C.RebelConfig(prompts_per_iteration=8,
-                                                                                 micro_batch_pairs=3, num_epochs=1),
+    return dataclasses.replace(base, run_dir=str(tmp_path), train=C.TrainingConfig(prompts_per_iteration=8,
+                                                                                   micro_batch_prompts=3, num_epochs=1),
                                optim=C.OptimConfig(iterations=2, lr=1e-2),
                                logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
                                checkpoint=C.CheckpointConfig(every=0, export_hf=False), **over)
@@ -53,12 +54,10 @@ def _dpo_cfg(tmp_path, **over):
 
 def test_preference_pairs_batch_and_the_dpo_step_match_plain_pytorch(tmp_path):
     cfg = _dpo_cfg(tmp_path)
-    d = parallel.init_distributed()
-    policy, reference, tok = load_models(cfg, d.device)
-    ps = data.prepare(data.load_rows(cfg.data), tok, cfg.data)
+    run = build(cfg)
+    reference, ps = run.reference_lp.lm, run.prompts
     chosen = [3, 0, 7, 11, 2, 5, 9, 1]
-    ref_lp = rollout.PolicyLogprobs(reference)
-    batch = collect_preference_pairs(cfg, d, ps, chosen, tok, [tok.eos_token_id], ref_lp, PhaseTimer())
+    batch = collect_preference_pairs(run, chosen)
     b = batch.groups
     assert b == 8 and batch.samples == 2 and not batch.sampled.any()
     assert batch.responses[:b] == [ps.responses["chosen"][i] for i in chosen]
@@ -69,9 +68,7 @@ def test_preference_pairs_batch_and_the_dpo_step_match_plain_pytorch(tmp_path):
     torch.testing.assert_close(batch.ref_logprobs, _plain_logprobs(reference, batch, 1.0).detach(),
                                rtol=1e-5, atol=1e-5)
     # the loop's DPO loss (micro-batches of 3, 3, 2 prompts) is the plain formula on the whole batch
-    lp = rollout.PolicyLogprobs(policy)
-    opt, sched = make_optimizer(cfg, list(lp.parameters()), 1)
-    out = update(cfg, d, lp, batch, opt, sched, torch.Generator().manual_seed(0), {"skipped_batches": 0})
+    out = update(_with(run, cfg), batch)
     plain = _plain_logprobs(reference, batch, 1.0).detach().sum(-1)  # policy == reference before the step
     seq_ref = batch.ref_logprobs.sum(-1)
     margin = 0.05 * ((plain[:b] - seq_ref[:b]) - (plain[b:] - seq_ref[b:]))
@@ -180,25 +177,19 @@ def test_preference_model_is_skew_symmetric(tmp_path):
 
 def _preference_iteration(tmp_path):
     cfg = C.PRESETS["counting_rebel_preference"]()
-    cfg = dataclasses.replace(cfg, run_dir=str(tmp_path), rebel=C.RebelConfig(prompts_per_iteration=8,
-                                                                                micro_batch_pairs=3, num_epochs=1),
+    cfg = dataclasses.replace(cfg, run_dir=str(tmp_path), train=C.TrainingConfig(prompts_per_iteration=8,
+                                                                                  micro_batch_prompts=3, num_epochs=1),
                               optim=C.OptimConfig(iterations=2, lr=1e-2),
                               logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
                               checkpoint=C.CheckpointConfig(every=0, export_hf=False))
-    d = parallel.init_distributed()
-    policy, reference, tok = load_models(cfg, d.device)
-    from engine.generate import Sampler
-
-    ps = data.prepare(data.load_rows(cfg.data), tok, cfg.data)
-    sampler = Sampler(policy, eos_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
-    lp, ref_lp = rollout.PolicyLogprobs(policy), rollout.PolicyLogprobs(reference)
-    batch, stats = collect(cfg, d, sampler, ps, list(range(8)), tok, build_feedback(cfg, d.device), lp, ref_lp,
-                           torch.Generator().manual_seed(0), PhaseTimer())
-    return cfg, d, policy, lp, batch, stats
+    run = build(cfg)
+    batch, stats = collect(run, list(range(8)))
+    return run, batch, stats
 
 
 def test_rebel_preference_batch_and_step_match_plain_pytorch(tmp_path):
-    cfg, d, policy, lp, batch, stats = _preference_iteration(tmp_path)
+    run, batch, stats = _preference_iteration(tmp_path)
+    cfg, policy = run.cfg, run.policy
     b = batch.groups
     assert b == 8 and batch.labels.shape[0] == 24 and batch.anchor_preferences.shape == (16,)
     prompts, ys, anchors = batch.prompts[:b], batch.responses, batch.responses[2 * b:]
@@ -209,8 +200,7 @@ def test_rebel_preference_batch_and_step_match_plain_pytorch(tmp_path):
     # the step skips the anchors' forward; its loss and gradients are REBEL's on (y, y') with
     # targets l(y, y'') - l(y', y'') = 2 (P(y > y'') - P(y' > y'')), plain PyTorch
     twin = [p.detach().clone() for p in policy.parameters()]
-    opt, sched = make_optimizer(cfg, list(lp.parameters()), 1)
-    out = update(cfg, d, lp, batch, opt, sched, torch.Generator().manual_seed(0), {"skipped_batches": 0})
+    out = update(_with(run, cfg), batch)
     grads = [p.grad.clone() for p in policy.parameters()]
     with torch.no_grad():
         for p, q in zip(policy.parameters(), twin):
@@ -221,7 +211,8 @@ def test_rebel_preference_batch_and_step_match_plain_pytorch(tmp_path):
                               labels=batch.labels[pair])
     seq = _plain_logprobs(policy, sub, 1.0).sum(-1) - batch.old_logprobs[pair].sum(-1)
     kl = batch.old_logprobs[pair].sum(-1) - batch.ref_logprobs[pair].sum(-1)
-    r = 2 * batch.anchor_preferences - 1 - cfg.rebel.kl_coef * kl
+    r = 2 * batch.anchor_preferences - 1 - cfg.reward.kl_coef * kl
+    torch.testing.assert_close(batch.rewards, r)  # the shaped reward the loop carries to the loss
     loss = (((seq[:b] - seq[b:]) / cfg.algorithm.eta - (r[:b] - r[b:])) ** 2).mean()
     loss.backward()
     assert out["loss/first"] == pytest.approx(loss.item(), rel=1e-5)
@@ -231,7 +222,7 @@ def test_rebel_preference_batch_and_step_match_plain_pytorch(tmp_path):
 
 def test_rebel_preference_runs_in_the_loop(tmp_path):
     cfg = dataclasses.replace(C.PRESETS["counting_rebel_preference"](), run_dir=str(tmp_path),
-                              rebel=C.RebelConfig(prompts_per_iteration=8, micro_batch_pairs=4),
+                              train=C.TrainingConfig(prompts_per_iteration=8, micro_batch_prompts=4),
                               optim=C.OptimConfig(iterations=2),
                               logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
                               checkpoint=C.CheckpointConfig(every=0, export_hf=False))
@@ -248,7 +239,7 @@ def test_non_finite_preference_skips_the_update(tmp_path):
     cfg = dataclasses.replace(
         C.apply_overrides(C.PRESETS["counting_rebel_preference"](),
                           [("reward.preference_function", "test_feedback:nan_preference")]),
-        run_dir=str(tmp_path), rebel=C.RebelConfig(prompts_per_iteration=4, micro_batch_pairs=4),
+        run_dir=str(tmp_path), train=C.TrainingConfig(prompts_per_iteration=4, micro_batch_prompts=4),
         optim=C.OptimConfig(iterations=1), logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
         checkpoint=C.CheckpointConfig(every=0, export_hf=False))
     stats = train(cfg)
@@ -272,7 +263,7 @@ def test_ultrafeedback_schema_from_a_datasets_directory(tmp_path):
         cfg, run_dir=str(tmp_path / "run"), model=dataclasses.replace(cfg.model, policy="builtin:tiny-llama", lora_rank=4),
         data=dataclasses.replace(cfg.data, prompts=str(tmp_path / "uf"), chat_template=False),
         generation=dataclasses.replace(cfg.generation, max_new_tokens=8),
-        rebel=dataclasses.replace(cfg.rebel, prompts_per_iteration=8, micro_batch_pairs=4),
+        train=dataclasses.replace(cfg.train, prompts_per_iteration=8, micro_batch_prompts=4),
         optim=C.OptimConfig(iterations=2, lr=1e-3),
         logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
         checkpoint=C.CheckpointConfig(every=0, export_hf=False))

@@ -12,7 +12,8 @@ import torch
 from engine import config as C
 from engine.lora import AdapterDisabled, adapter_disabled, add_lora
 from engine.rollout import PolicyLogprobs
-from engine.train import load_models, train
+from engine.build import load_models
+from engine.train import train
 from tests._models import FAMILIES, tiny_model
 from tests.test_train import REPO, _metrics, small_cfg
 
@@ -101,7 +102,7 @@ def test_lora_training_run_starts_at_zero_kl_and_exports_the_adapter(tmp_path):
 
     cfg = dataclasses.replace(C.PRESETS["counting_lora"](), run_dir=str(tmp_path / "run"),
                               optim=C.OptimConfig(iterations=3, lr=3e-3),
-                              rebel=C.RebelConfig(prompts_per_iteration=8, micro_batch_pairs=4),
+                              train=C.TrainingConfig(prompts_per_iteration=8, micro_batch_prompts=4),
                               logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
                               checkpoint=C.CheckpointConfig(every=0, export_hf=True))
     train(cfg)
@@ -131,7 +132,7 @@ def test_lora_under_torchrun_two_processes(tmp_path):
     the sharded module."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "engine/train.py", "--preset",
            "counting_lora", "--run_dir", str(tmp_path / "ddp"), "--optim.iterations", "2",
-           "--rebel.prompts_per_iteration", "8", "--logging.progress", "false", "--logging.tensorboard", "false",
+           "--train.prompts_per_iteration", "8", "--logging.progress", "false", "--logging.tensorboard", "false",
            "--checkpoint.every", "1"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]

@@ -15,16 +15,18 @@ import torch
 
 from engine import config as C
 from engine import rollout
-from engine.generate import Sampler
+from engine.build import build, make_optimizer
+from engine.collect import collect
 from engine.tasks import char_tokenizer, counting_prompts, tiny_llama
-from engine.train import Feedback, collect, load_models, make_optimizer, train, update
+from engine.train import train
+from engine.update import update
 from rebel_kernels.reference import reference_rebel_loss_from_logprobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_cfg(run_dir, **sections) -> C.TrainConfig:
-    base = C.TrainConfig(run_dir=str(run_dir), rebel=C.RebelConfig(prompts_per_iteration=8, micro_batch_pairs=4),
+    base = C.TrainConfig(run_dir=str(run_dir), train=C.TrainingConfig(prompts_per_iteration=8, micro_batch_prompts=4),
                          optim=C.OptimConfig(iterations=2, lr=1e-3),
                          logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
                          checkpoint=C.CheckpointConfig(every=1, keep=2, export_hf=True))
@@ -45,21 +47,19 @@ def test_batch_rows_keep_pairs_together():
 
 
 def _iteration_inputs(tmp_path):
+    """A built run (the seam the loop uses) and one collected batch of its first iteration."""
     cfg = small_cfg(tmp_path, optim=C.OptimConfig(iterations=1, lr=1e-2))
-    from engine import data, parallel, rewards
-    from engine.metrics import PhaseTimer
+    run = build(cfg)
+    batch, stats = collect(run, run.order.take(cfg.train.prompts_per_iteration))
+    return run, batch, stats
 
-    d = parallel.init_distributed()
-    policy, reference, tok = load_models(cfg, d.device)
-    lp, ref_lp = rollout.PolicyLogprobs(policy), rollout.PolicyLogprobs(reference)
-    prompt_set = data.prepare(data.load_rows(cfg.data), tok, cfg.data)
-    order = data.PromptOrder(len(prompt_set.prompts), 0)
-    sampler = Sampler(policy, eos_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
-    reward_fn = rewards.build_reward(cfg.reward, default="builtin:counting", device=d.device)
-    gen = torch.Generator().manual_seed(0)
-    chosen = order.take(cfg.rebel.prompts_per_iteration)
-    batch, stats = collect(cfg, d, sampler, prompt_set, chosen, tok, Feedback(reward_fn), lp, ref_lp, gen, PhaseTimer())
-    return cfg, d, policy, lp, batch, stats
+
+def _with(run, cfg):
+    """The run with another config and a fresh optimizer over its trained parameters."""
+    opt, sched = make_optimizer(cfg, [p for p in run.policy_lp.parameters() if p.requires_grad],
+                                cfg.train.num_epochs * cfg.train.minibatches)
+    return dataclasses.replace(run, cfg=cfg, optimizer=opt, scheduler=sched,
+                               shuffle_generator=torch.Generator().manual_seed(0))
 
 
 def _plain_logprobs(lm, batch, temperature):
@@ -74,7 +74,8 @@ def _plain_logprobs(lm, batch, temperature):
 
 
 def test_one_iteration_matches_plain_pytorch(tmp_path):
-    cfg, d, policy, lp, batch, stats = _iteration_inputs(tmp_path)
+    run, batch, stats = _iteration_inputs(tmp_path)
+    cfg, policy, lp = run.cfg, run.policy, run.policy_lp
     T = cfg.generation.temperature
     plain = _plain_logprobs(policy, batch, T).detach()
     torch.testing.assert_close(batch.old_logprobs, plain, rtol=1e-5, atol=1e-5)
@@ -86,10 +87,7 @@ def test_one_iteration_matches_plain_pytorch(tmp_path):
     assert stats["kl/mean"] == 0.0
     # one AdamW step on the whole batch equals the plain-PyTorch loss's step
     twin = copy.deepcopy(policy)
-    opt, sched = make_optimizer(dataclasses.replace(cfg, rebel=dataclasses.replace(cfg.rebel, num_epochs=1)),
-                                [p for p in lp.parameters()], 1)
-    one_epoch = dataclasses.replace(cfg, rebel=dataclasses.replace(cfg.rebel, num_epochs=1))
-    out = update(one_epoch, d, lp, batch, opt, sched, torch.Generator().manual_seed(0), {"skipped_batches": 0})
+    out = update(_with(run, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_epochs=1))), batch)
     ref_opt = torch.optim.AdamW(twin.parameters(), lr=cfg.optim.lr, eps=cfg.optim.adam_eps, weight_decay=0.0)
     loss = reference_rebel_loss_from_logprobs(_plain_logprobs(twin, batch, T), batch.labels, batch.old_logprobs,
                                               batch.rewards, eta=cfg.algorithm.eta)
@@ -108,16 +106,20 @@ def test_one_iteration_matches_plain_pytorch(tmp_path):
 
 def test_micro_batching_does_not_change_the_update(tmp_path):
     """Gradient accumulation over micro-batches of whole pairs equals one big batch."""
-    cfg, d, policy, lp, batch, _ = _iteration_inputs(tmp_path)
-    results = []
+    run, batch, _ = _iteration_inputs(tmp_path)
+    results, metrics = [], []
     for micro in (1, 4):
-        lp_i = copy.deepcopy(lp)
-        c = dataclasses.replace(cfg, rebel=dataclasses.replace(cfg.rebel, micro_batch_pairs=micro, num_epochs=1))
-        opt, sched = make_optimizer(c, list(lp_i.parameters()), 1)
-        update(c, d, lp_i, batch, opt, sched, torch.Generator().manual_seed(0), {"skipped_batches": 0})
-        results.append([p.grad.clone() for p in lp_i.parameters()])  # the step's accumulated gradient
+        c = dataclasses.replace(run.cfg, train=dataclasses.replace(run.cfg.train, micro_batch_prompts=micro,
+                                                                   num_epochs=1))
+        run_i = _with(dataclasses.replace(run, policy_lp=copy.deepcopy(run.policy_lp)), c)
+        metrics.append(update(run_i, batch))
+        results.append([p.grad.clone() for p in run_i.policy_lp.parameters()])  # the step's accumulated gradient
     for a, b in zip(*results):
         assert (a - b).norm().item() <= 1e-5 * (b.norm().item() + 1e-12)
+    # the algorithm's metrics are reduced over every micro-batch of the step, not the last one
+    for key in ("algorithm/loss", "algorithm/reward/mean", "algorithm/kl/mean"):
+        assert metrics[0][key] == pytest.approx(metrics[1][key], rel=1e-5, abs=1e-7), key
+    assert metrics[0]["algorithm/reward/mean"] == pytest.approx(batch.rewards.mean().item(), rel=1e-5)
 
 
 def test_loads_saved_models_jsonl_prompts_and_function_reward(tmp_path):
@@ -139,7 +141,7 @@ def test_loads_saved_models_jsonl_prompts_and_function_reward(tmp_path):
 
 
 def _run_cli(run_dir, extra=(), nproc=None, wait=True):
-    args = ["--run_dir", str(run_dir), "--optim.iterations", "6", "--rebel.prompts_per_iteration", "8",
+    args = ["--run_dir", str(run_dir), "--optim.iterations", "6", "--train.prompts_per_iteration", "8",
             "--checkpoint.every", "2", "--logging.progress", "false", "--logging.tensorboard", "false",
             *extra]
     if nproc:
@@ -186,23 +188,14 @@ def test_torchrun_two_processes_fsdp2(tmp_path):
 
 def test_hybrid_mode_reads_partners_from_the_dataset(tmp_path):
     """Hybrid REBEL: y is sampled, y' is the dataset's response (tokenized, EOS appended)."""
-    from engine import data, parallel, rewards
-    from engine.metrics import PhaseTimer
-
     with open(tmp_path / "pairs.jsonl", "w") as f:
         for row in counting_prompts(20):
             last = int(row["prompt"][-1])
             f.write(json.dumps({**row, "good": "".join(str((last + k + 1) % 10) for k in range(4))}) + "\n")
     cfg = small_cfg(tmp_path / "run", data=C.DataConfig(prompts=str(tmp_path / "pairs.jsonl"), partner_column="good"),
                     reward=C.RewardConfig(function="builtin:counting"))
-    d = parallel.init_distributed()
-    policy, reference, tok = load_models(cfg, d.device)
-    prompt_set = data.prepare(data.load_rows(cfg.data), tok, cfg.data)
-    sampler = Sampler(policy, eos_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
-    batch, stats = collect(cfg, d, sampler, prompt_set, data.PromptOrder(20, 0).take(cfg.rebel.prompts_per_iteration),
-                           tok, Feedback(rewards.build_reward(cfg.reward, default=None, device=d.device)),
-                           rollout.PolicyLogprobs(policy), rollout.PolicyLogprobs(reference),
-                           torch.Generator().manual_seed(0), PhaseTimer())
+    run = build(cfg)
+    batch, stats = collect(run, run.order.take(cfg.train.prompts_per_iteration))
     b = batch.groups
     assert b == 8 and batch.sampled[:b].all() and not batch.sampled[b:].any()
     assert all(len(r) == 4 for r in batch.responses[b:])  # the dataset's answers
@@ -281,27 +274,13 @@ def test_comparison_algorithms_run_in_the_loop(preset, tmp_path):
     """The paper's peers train through the same loop: k samples per prompt, their own loss."""
     cfg = C.PRESETS[preset]()
     cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / preset), optim=C.OptimConfig(iterations=2),
-                              rebel=dataclasses.replace(cfg.rebel, prompts_per_iteration=8, micro_batch_pairs=4),
+                              train=dataclasses.replace(cfg.train, prompts_per_iteration=8, micro_batch_prompts=4),
                               logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
                               checkpoint=C.CheckpointConfig(every=0, export_hf=False))
     stats = train(cfg)
     assert math.isfinite(stats["loss/last"]) and math.isfinite(stats["reward/mean"])
     rows = _metrics(tmp_path / preset)
     assert len(rows) == 2
-
-
-def test_comparison_command_writes_table_and_plot(tmp_path):
-    from engine import compare
-
-    results = compare.main(["--run_dir", str(tmp_path), "--iterations", "2", "--only", "default", "counting_rloo4"])
-    assert [r["algorithm"] for r in results] == ["Rebel", "RLOO"] and results[1]["k"] == 4
-    assert (tmp_path / "table.md").read_text().count("\n") == 4
-    assert (tmp_path / "reward_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # equal reward queries per iteration: RLOO k=4 gets half the prompts
-    assert json.loads((tmp_path / "counting_rloo4" / "config.json").read_text())["rebel"]["prompts_per_iteration"] == 32
-    # REBEL from preferences: 2 preference queries per prompt (3 samples); offline DPO: REBEL's 64 pairs
-    assert [compare.prompts_per_iteration(C.PRESETS[p]().algorithm)
-            for p in ("counting_rebel_preference", "counting_dpo", "counting_lora")] == [64, 64, 64]
 
 
 def test_autocast_policy_logprobs_keep_float32_parameters():

@@ -6,15 +6,18 @@ An algorithm is a frozen dataclass with `samples_per_prompt` (k) and a method
 - `logprobs` [k*B, T]: the differentiable per-token log-probabilities of the responses under the
   policy being trained (`fused_token_logprobs`, exactly 0 at ignored positions). Rows are sample-major,
   as `engine/generate.py` lays them out: row s*B + i is sample s of prompt i.
-- `batch`: an `AlgoBatch` with the non-differentiable inputs (labels, log pi_t, log pi_ref, scores...).
+- `batch`: an `AlgoBatch` with the non-differentiable inputs (labels, log pi_t, log pi_ref, the KL-shaped
+  rewards and the KL...). The training loop computes the shaped rewards once per iteration
+  (engine/collect.py) and passes them in; a batch built from raw `scores` shapes them itself, with
+  the same function.
 - `loss`: a scalar, the **mean over the B prompts** of the per-prompt loss (each algorithm's docstring
   says what one prompt contributes). For gradient accumulation over micro-batches of prompts, scale it
   by (prompts in the micro-batch) / (prompts in the optimizer step).
-- `metrics`: detached floats for logging.
+- `metrics`: detached 0-dim tensors for logging (no host sync; the loop reduces them once per step).
 
 A sequence's log-probability is the sum of its valid tokens' log-probabilities (labels != ignore_index),
-as in REBEL (DESIGN.md section 2). The KL penalty enters through the reward, at the sequence level:
-r = score - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)), detached.
+as in REBEL (docs/design.md section 2). The KL penalty enters through the reward, at the sequence level:
+r = score - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)), detached (`engine.rollout.shape_rewards`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from typing import ClassVar
 
 import torch
 
-from rebel_kernels._validate import positive_finite
+from engine.rollout import shape_rewards
+from rebel_kernels import positive_finite
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -37,11 +41,15 @@ class AlgoBatch:
     labels: torch.Tensor  # [kB, T] int64, ignore_index after the first EOS / on padding
     old_logprobs: torch.Tensor | None = None  # [kB, T] (or [kB] per sequence) log pi_t, no grad
     ref_logprobs: torch.Tensor | None = None  # [kB, T] (or [kB] per sequence) log pi_ref, no grad
-    scores: torch.Tensor | None = None  # [kB] reward-model scores after the missing-EOS penalty
-    kl_coef: float = 0.0
     # REBEL from preferences: P(y_s > y'' | x) for the rows s*B + i, s in {0, 1}, against the anchor
     # sample y'' (rows 2B..3B-1). See `rebel_preference.anchor_preferences`.
     anchor_preferences: torch.Tensor | None = None  # [2B] in [0, 1]
+    # The KL-shaped reward and the KL, as the loop computes them once per iteration. Left None, they
+    # are derived here from `scores` (or `anchor_preferences`), log pi_t, log pi_ref and `kl_coef`.
+    rewards: torch.Tensor | None = None  # [kB] (REBEL from preferences: [2B], the trained samples)
+    kl: torch.Tensor | None = None  # [kB] log pi_t(y|x) - log pi_ref(y|x)
+    scores: torch.Tensor | None = None  # [kB] raw scores after the missing-EOS penalty (when rewards is None)
+    kl_coef: float = 0.0
     ignore_index: int = -100
 
     def __post_init__(self):
@@ -51,6 +59,27 @@ class AlgoBatch:
             raise ValueError(f"kl_coef must be finite and >= 0, got {self.kl_coef!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        self._derive_rewards()
+
+    def _derive_rewards(self) -> None:
+        """kl and rewards from raw inputs when they were not passed (shapes that do not fit are left for
+        the loss's own checks to name)."""
+        per_row = (tuple(self.labels.shape), tuple(self.labels.shape[:1]))
+        if self.kl is None and all(isinstance(x, torch.Tensor) and tuple(x.shape) in per_row
+                                   for x in (self.old_logprobs, self.ref_logprobs)):
+            acc = torch.float64 if self.old_logprobs.dtype == torch.float64 else torch.float32
+            kl = (sequence_sum(self.old_logprobs, self.labels, self.ignore_index, acc)
+                  - sequence_sum(self.ref_logprobs, self.labels, self.ignore_index, acc))
+            object.__setattr__(self, "kl", kl.detach())
+        if self.rewards is not None or self.kl is None:
+            return
+        prefs = self.anchor_preferences
+        if isinstance(prefs, torch.Tensor) and prefs.dim() == 1 and prefs.shape[0] <= self.kl.shape[0]:
+            signal = 2 * prefs.detach().to(self.kl.dtype) - 1  # l(x, y_s, y''): REBEL from preferences
+            object.__setattr__(self, "rewards", shape_rewards(signal, self.kl[: signal.shape[0]], self.kl_coef))
+        elif isinstance(self.scores, torch.Tensor) and self.scores.shape == self.kl.shape:
+            object.__setattr__(self, "rewards", shape_rewards(self.scores.detach().to(self.kl.dtype), self.kl,
+                                                              self.kl_coef))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -116,11 +145,14 @@ def check_inputs(logprobs: torch.Tensor, batch: AlgoBatch, k: int, needs: tuple[
     for name in needs:
         value = getattr(batch, name)
         if value is None:
-            raise ValueError(f"{name} is required by this algorithm but the batch has None")
+            hint = " (pass them, or scores [kB] to shape them from)" if name == "rewards" else ""
+            raise ValueError(f"{name} is required by this algorithm but the batch has None{hint}")
         if not isinstance(value, torch.Tensor) or value.dtype not in _FLOATS:
             raise TypeError(f"{name} must be a floating torch.Tensor, got {type(value).__name__}")
-        shapes = {"old_logprobs": ((rows, t), (rows,)), "ref_logprobs": ((rows, t), (rows,)),
-                  "scores": ((rows,),), "anchor_preferences": ((2 * rows // k,),)}[name]
+        pairs = 2 * rows // k
+        shapes = {"old_logprobs": ((rows, t), (rows,)), "ref_logprobs": ((rows, t), (rows,)), "kl": ((rows,),),
+                  "rewards": ((pairs,),) if batch.anchor_preferences is not None else ((rows,),),
+                  "anchor_preferences": ((pairs,),)}[name]
         if tuple(value.shape) not in shapes:
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {tuple(value.shape)}")
         if value.device != logprobs.device:
@@ -139,11 +171,9 @@ def sequence_sum(x: torch.Tensor, labels: torch.Tensor, ignore_index: int, dtype
     return torch.where(valid, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device)).sum(-1)
 
 
-def shaped_rewards(batch: AlgoBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """r = score - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)), sequence level, detached. Returns (r, kl) [kB]."""
-    kl = (sequence_sum(batch.old_logprobs, batch.labels, batch.ignore_index, dtype)
-          - sequence_sum(batch.ref_logprobs, batch.labels, batch.ignore_index, dtype)).detach()
-    return batch.scores.detach().to(dtype) - batch.kl_coef * kl, kl
+def rewards_and_kl(batch: AlgoBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's KL-shaped rewards and KL [kB], detached, in the loss's accumulation dtype."""
+    return batch.rewards.detach().to(dtype), batch.kl.detach().to(dtype)
 
 
 def acc_dtype(logprobs: torch.Tensor) -> torch.dtype:

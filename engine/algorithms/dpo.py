@@ -33,6 +33,7 @@ class DPO(Algorithm):
                                 - sequence_sum(batch.ref_logprobs, batch.labels, batch.ignore_index, acc).detach())
         margin = implicit[:b] - implicit[b:]  # [B]
         loss = -F.logsigmoid(margin).mean()
-        return loss, {"loss": loss.item(), "accuracy": (margin > 0).float().mean().item(),
-                      "margin/mean": margin.mean().item(), "reward/chosen": implicit[:b].mean().item(),
-                      "reward/rejected": implicit[b:].mean().item()}
+        implicit = implicit.detach()
+        return loss, {"loss": loss.detach(), "accuracy": (margin > 0).float().mean(),
+                      "margin/mean": margin.detach().mean(), "reward/chosen": implicit[:b].mean(),
+                      "reward/rejected": implicit[b:].mean()}

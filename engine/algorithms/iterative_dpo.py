@@ -15,7 +15,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, positive, sequence_sum, shaped_rewards
+from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, positive, rewards_and_kl, sequence_sum
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -28,16 +28,17 @@ class IterativeDPO(Algorithm):
         positive("beta", self.beta)
 
     def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        b = check_inputs(logprobs, batch, 2, ("old_logprobs", "ref_logprobs", "scores"))
+        b = check_inputs(logprobs, batch, 2, ("old_logprobs", "kl", "rewards"))
         acc = acc_dtype(logprobs)
         rho = (sequence_sum(logprobs, batch.labels, batch.ignore_index, acc)
                - sequence_sum(batch.old_logprobs, batch.labels, batch.ignore_index, acc).detach())  # [2B]
-        rewards, kl = shaped_rewards(batch, acc)
+        rewards, kl = rewards_and_kl(batch, acc)
         sign = torch.sign(rewards[:b] - rewards[b:])  # [B] +1: y chosen, -1: y' chosen, 0: tie
         margin = self.beta * (rho[:b] - rho[b:]) * sign
         per_prompt = -F.logsigmoid(margin) * sign.abs()
         loss = per_prompt.mean()
         decided = sign != 0
-        return loss, {"loss": loss.item(), "reward/mean": rewards.mean().item(), "kl/mean": kl.mean().item(),
-                      "ties": (~decided).float().mean().item(),
-                      "accuracy": (margin[decided] > 0).float().mean().item() if decided.any() else float("nan")}
+        right = ((margin > 0) & decided).float().sum()
+        return loss, {"loss": loss.detach(), "reward/mean": rewards.mean(), "kl/mean": kl.mean(),
+                      "ties": (~decided).float().mean(),
+                      "accuracy": right / decided.float().sum()}  # NaN (no sync) when every pair ties

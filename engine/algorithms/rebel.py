@@ -13,7 +13,7 @@ import torch
 
 from rebel_kernels import rebel_loss_from_logprobs
 
-from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, positive, shaped_rewards
+from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, positive, rewards_and_kl
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -26,8 +26,8 @@ class Rebel(Algorithm):
         positive("eta", self.eta)
 
     def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        check_inputs(logprobs, batch, 2, ("old_logprobs", "ref_logprobs", "scores"))
-        rewards, kl = shaped_rewards(batch, acc_dtype(logprobs))
+        check_inputs(logprobs, batch, 2, ("old_logprobs", "kl", "rewards"))
+        rewards, kl = rewards_and_kl(batch, acc_dtype(logprobs))
         loss = rebel_loss_from_logprobs(logprobs, batch.labels, batch.old_logprobs, rewards, eta=self.eta,
                                         ignore_index=batch.ignore_index, reduction="mean")
-        return loss, {"loss": loss.item(), "reward/mean": rewards.mean().item(), "kl/mean": kl.mean().item()}
+        return loss, {"loss": loss.detach(), "reward/mean": rewards.mean(), "kl/mean": kl.mean()}

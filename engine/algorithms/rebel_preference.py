@@ -28,7 +28,7 @@ import torch
 
 from rebel_kernels import rebel_loss_from_logprobs
 
-from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, positive, sequence_sum
+from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, positive, rewards_and_kl
 
 # prefer(prompts, ys, ys2) -> [n] tensor of P(ys[j] > ys2[j] | prompts[j])
 PreferenceFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], torch.Tensor]
@@ -63,18 +63,16 @@ class RebelPreference(Algorithm):
         positive("eta", self.eta)
 
     def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        b = check_inputs(logprobs, batch, 3, ("old_logprobs", "ref_logprobs", "anchor_preferences"))
+        b = check_inputs(logprobs, batch, 3, ("old_logprobs", "anchor_preferences", "kl", "rewards"))
         prefs = batch.anchor_preferences.detach()
         if not bool(((prefs >= 0) & (prefs <= 1)).all()):
             raise ValueError(f"anchor_preferences must be probabilities in [0, 1], got min {prefs.min().item()} "
                              f"max {prefs.max().item()}")
         acc, pair = acc_dtype(logprobs), slice(0, 2 * b)
-        labels = batch.labels[pair]
-        kl = (sequence_sum(batch.old_logprobs[pair], labels, batch.ignore_index, acc)
-              - sequence_sum(batch.ref_logprobs[pair], labels, batch.ignore_index, acc)).detach()  # [2B]
-        targets = 2 * prefs.to(acc) - 1  # l(x, y_s, y'') for s = 0, 1
-        rewards = targets - batch.kl_coef * kl
-        loss = rebel_loss_from_logprobs(logprobs[pair], labels, batch.old_logprobs[pair], rewards, eta=self.eta,
-                                        ignore_index=batch.ignore_index, reduction="mean")
-        return loss, {"loss": loss.item(), "preference/mean": prefs.mean().item(), "kl/mean": kl.mean().item(),
-                      "target/abs_mean": (targets[:b] - targets[b:]).abs().mean().item()}
+        rewards, kl = rewards_and_kl(batch, acc)  # rewards [2B]: l(x, y_s, y'') - kl_coef * KL
+        kl = kl[pair]
+        targets = 2 * prefs.to(acc) - 1  # l(x, y_s, y'')
+        loss = rebel_loss_from_logprobs(logprobs[pair], batch.labels[pair], batch.old_logprobs[pair], rewards,
+                                        eta=self.eta, ignore_index=batch.ignore_index, reduction="mean")
+        return loss, {"loss": loss.detach(), "preference/mean": prefs.mean(), "kl/mean": kl.mean(),
+                      "target/abs_mean": (targets[:b] - targets[b:]).abs().mean()}

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, sequence_sum, shaped_rewards
+from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, rewards_and_kl, sequence_sum
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -22,9 +22,9 @@ class Reinforce(Algorithm):
         check_k("Reinforce", self.samples_per_prompt, ">= 1", self.samples_per_prompt >= 1)
 
     def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        check_inputs(logprobs, batch, self.samples_per_prompt, ("old_logprobs", "ref_logprobs", "scores"))
+        check_inputs(logprobs, batch, self.samples_per_prompt, ("kl", "rewards"))
         acc = acc_dtype(logprobs)
         seq = sequence_sum(logprobs, batch.labels, batch.ignore_index, acc)  # [kB]
-        rewards, kl = shaped_rewards(batch, acc)  # [kB]
+        rewards, kl = rewards_and_kl(batch, acc)  # [kB]
         loss = -(rewards * seq).mean()  # mean over samples then prompts = mean over rows
-        return loss, {"loss": loss.item(), "reward/mean": rewards.mean().item(), "kl/mean": kl.mean().item()}
+        return loss, {"loss": loss.detach(), "reward/mean": rewards.mean(), "kl/mean": kl.mean()}

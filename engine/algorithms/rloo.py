@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, sequence_sum, shaped_rewards
+from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, rewards_and_kl, sequence_sum
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -24,13 +24,13 @@ class RLOO(Algorithm):
 
     def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
         k = self.samples_per_prompt
-        b = check_inputs(logprobs, batch, k, ("old_logprobs", "ref_logprobs", "scores"))
+        b = check_inputs(logprobs, batch, k, ("kl", "rewards"))
         acc = acc_dtype(logprobs)
         seq = sequence_sum(logprobs, batch.labels, batch.ignore_index, acc).view(k, b)  # [k, B]
-        rewards, kl = shaped_rewards(batch, acc)
+        rewards, kl = rewards_and_kl(batch, acc)
         rewards = rewards.view(k, b)  # [k, B]
         baseline = (rewards.sum(0, keepdim=True) - rewards) / (k - 1)  # [k, B] mean of the others
         adv = rewards - baseline
         loss = -(adv * seq).mean()  # (1/k) sum_s, then mean over prompts
-        return loss, {"loss": loss.item(), "reward/mean": rewards.mean().item(), "kl/mean": kl.mean().item(),
-                      "advantage/abs_mean": adv.abs().mean().item()}
+        return loss, {"loss": loss.detach(), "reward/mean": rewards.mean(), "kl/mean": kl.mean(),
+                      "advantage/abs_mean": adv.abs().mean()}

@@ -1,0 +1,178 @@
+"""Everything a run needs, built once from its config: `build(cfg) -> Run`.
+
+The one seam between the config and the loop (`engine/loop.py`): tests and the iteration benchmark
+build a run, may swap a part (a checkpointer that writes nothing, say), and hand it to the loop.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+from engine import config as config_mod
+from engine import data, lora, parallel, precision, rewards, rollout
+from engine.checkpoint import Checkpointer
+from engine.generate import Sampler, eos_token_ids
+from engine.metrics import MetricsLogger, PhaseTimer, Progress
+from engine.tasks import BUILTIN_MODELS
+
+
+@dataclasses.dataclass(frozen=True)
+class Feedback:
+    """What scores the responses: a reward (None: none configured, allowed for offline DPO and REBEL
+    from preferences) and, for algorithms that need one, a preference model."""
+
+    reward: rewards.RewardFn | None
+    prefer: Callable | None = None
+
+
+@dataclasses.dataclass
+class Run:
+    """The parts of a run. `policy_lp` is the trained module (the FSDP2 root when sharded): the policy
+    behind the fused log-probability head; `inference` generates (the policy itself for one unsharded
+    float32 process); `reference_lp` gives log pi_ref (LoRA: the policy with its adapters disabled)."""
+
+    cfg: config_mod.TrainConfig
+    dist: parallel.Dist
+    precision: precision.Precision
+    tokenizer: object
+    policy: nn.Module  # the Hugging Face causal LM being trained
+    policy_lp: rollout.PolicyLogprobs
+    reference_lp: nn.Module
+    inference: nn.Module
+    sampler: Sampler
+    prompts: data.PromptSet
+    order: data.PromptOrder
+    feedback: Feedback
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sample_generator: torch.Generator  # the sampler's noise, one stream per rank
+    shuffle_generator: torch.Generator  # the minibatch order of epochs after the first
+    checkpointer: Checkpointer
+    resume_from: int | None  # the checkpoint the loop resumes from (None: a fresh run)
+    metrics: MetricsLogger
+    progress: Progress
+    timer: PhaseTimer
+    counters: dict = dataclasses.field(default_factory=lambda: {"skipped_batches": 0})
+
+
+def build(cfg: config_mod.TrainConfig) -> Run:
+    """Processes, models, sampler, data, feedback, optimizer, checkpointer and logging of a run."""
+    d = parallel.init_distributed()
+    logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING, format="%(asctime)s %(message)s")
+    if cfg.train.prompts_per_iteration % (d.world * cfg.train.minibatches):
+        raise ValueError(f"train.prompts_per_iteration={cfg.train.prompts_per_iteration} must be divisible by "
+                         f"world size x train.minibatches = {d.world * cfg.train.minibatches}")
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    if d.is_main:
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            f.write(config_mod.to_json(cfg))
+    prec = precision.decide(cfg.model.dtype, d, activation_checkpointing=cfg.model.activation_checkpointing)
+    policy, reference, tokenizer = load_models(cfg, d.device)
+    inference, policy_lp, reference_lp = _wrap_models(cfg, d, prec, policy, reference)
+    sampler = Sampler(inference, eos_ids=eos_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    prompt_set = data.prepare(data.load_rows(cfg.data), tokenizer, cfg.data)
+    order = data.PromptOrder(len(prompt_set.prompts), cfg.seed)
+    feedback = build_feedback(cfg, d.device)
+    steps = cfg.train.num_epochs * cfg.train.minibatches
+    opt, sched = make_optimizer(cfg, [p for p in policy_lp.parameters() if p.requires_grad], steps)
+    sample_gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000 + d.rank)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+    ckpt = Checkpointer(cfg.run_dir, keep=cfg.checkpoint.keep)
+    start = ckpt.latest()
+    return Run(cfg=cfg, dist=d, precision=prec, tokenizer=tokenizer, policy=policy, policy_lp=policy_lp,
+               reference_lp=reference_lp, inference=inference, sampler=sampler, prompts=prompt_set, order=order,
+               feedback=feedback, optimizer=opt, scheduler=sched, sample_generator=sample_gen,
+               shuffle_generator=shuffle_gen, checkpointer=ckpt, resume_from=start,
+               metrics=_metrics_logger(cfg, d, start),
+               progress=Progress(cfg.optim.iterations, initial=0 if start is None else start + 1,
+                                 enabled=cfg.logging.progress and d.is_main),
+               timer=PhaseTimer(sync_cuda=d.device.type == "cuda"))
+
+
+def load_models(cfg: config_mod.TrainConfig, device):
+    """(policy, reference, tokenizer), through from_pretrained, or the built-in tiny model. With LoRA
+    the reference is None: log pi_ref is the policy with its adapters disabled (no second copy)."""
+    if cfg.model.policy.startswith("builtin:"):
+        name = cfg.model.policy.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"model.policy: unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
+        make_tokenizer, make_model = BUILTIN_MODELS[name]
+        tokenizer = make_tokenizer()
+        policy = make_model(tokenizer, seed=cfg.seed)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
+        policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.model.lora_rank:
+        policy, reference = lora.add_lora(policy, cfg.model), None
+    elif cfg.model.reference:
+        from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+        reference = AutoModelForCausalLM.from_pretrained(cfg.model.reference, dtype=torch.float32)
+    else:
+        reference = copy.deepcopy(policy)
+    # REBEL regresses onto exact log-ratios: no dropout anywhere (eval mode throughout).
+    policy.eval().to(device)
+    if reference is not None:
+        reference.eval().requires_grad_(False).to(device)
+    return policy, reference, tokenizer
+
+
+def _wrap_models(cfg, d: parallel.Dist, prec: precision.Precision, policy: nn.Module, reference: nn.Module | None):
+    """(inference copy, trained log-prob module, reference log-prob module): the generation copy is
+    taken before any freezing, checkpointing or sharding; then layers are frozen, checkpointed, sharded."""
+    inference = copy.deepcopy(policy).to(prec.compute_dtype) if prec.separate_inference_copy else policy
+    parallel.train_only_top_layers(policy, cfg.model.train_top_layers)
+    policy_lp = rollout.PolicyLogprobs(policy, autocast_dtype=prec.autocast_dtype)
+    if cfg.model.activation_checkpointing:
+        parallel.apply_activation_checkpointing(policy)
+    parallel.shard(policy_lp, policy, d, mp_policy=prec.fsdp_policy())
+    if reference is None:  # LoRA: log pi_ref through the policy's own weights, adapters off
+        return inference, policy_lp, lora.AdapterDisabled(policy_lp, policy)
+    if prec.reference_dtype is not None:  # frozen: held in the compute dtype outright (half the memory)
+        reference.to(prec.reference_dtype)
+    reference_lp = rollout.PolicyLogprobs(reference)
+    parallel.shard(reference_lp, reference, d, mp_policy=prec.fsdp_policy())
+    return inference, policy_lp, reference_lp
+
+
+def build_feedback(cfg: config_mod.TrainConfig, device) -> Feedback:
+    algo = cfg.algorithm
+    default = cfg.data.prompts if cfg.data.prompts.startswith("builtin:") else None
+    needs_reward = not (algo.offline or algo.needs_preferences)
+    reward = rewards.build_reward(cfg.reward, default=default, device=device, required=needs_reward)
+    prefer = rewards.build_preference(cfg.reward, default=default, device=device) if algo.needs_preferences else None
+    return Feedback(reward=reward, prefer=prefer)
+
+
+def make_optimizer(cfg: config_mod.TrainConfig, params, steps_per_iteration: int):
+    """AdamW and a LambdaLR: linear warm-up over optim.warmup_iterations, then linear decay to 0."""
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.adam_eps)
+    total = cfg.optim.iterations * steps_per_iteration
+    warmup = cfg.optim.warmup_iterations * steps_per_iteration
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _metrics_logger(cfg: config_mod.TrainConfig, d: parallel.Dist, resume_from: int | None) -> MetricsLogger:
+    """The run's metrics.jsonl (+ TensorBoard); a fresh run in a reused directory starts clean metrics."""
+    stale = os.path.join(cfg.run_dir, "metrics.jsonl")
+    if resume_from is None and d.is_main and os.path.exists(stale):
+        os.remove(stale)
+    return MetricsLogger(cfg.run_dir, tensorboard=cfg.logging.tensorboard, plots=cfg.logging.plots,
+                         is_main=d.is_main, resume_from=resume_from)

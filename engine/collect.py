@@ -1,0 +1,138 @@
+"""Collection: this rank's prompts of an iteration -> a complete training batch and the rollout metrics.
+
+    generate k responses per prompt -> cut at EOS -> score (missing-EOS penalty) or ask the preference
+    model -> no-grad log pi_t and log pi_ref (the fused op) -> KL -> shaped reward (once, here)
+
+On-policy algorithms train on what they sample; offline ones (DPO) train on the dataset's chosen /
+rejected pairs and sample only to monitor the policy when a reward is configured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine import data, parallel, rewards, rollout
+from engine.algorithms import anchor_preferences
+
+if TYPE_CHECKING:
+    from engine.build import Run
+
+
+def iteration_batch(run: Run) -> tuple[rollout.Batch, dict]:
+    """This rank's training batch of the next iteration and its rollout metrics."""
+    cfg, d = run.cfg, run.dist
+    chosen = run.order.take(cfg.train.prompts_per_iteration)[d.rank :: d.world]
+    batch, stats = None, {}
+    if not cfg.algorithm.offline or run.feedback.reward is not None:
+        batch, stats = collect(run, chosen)
+    if cfg.algorithm.offline:
+        batch = collect_preference_pairs(run, chosen)
+    return batch, stats
+
+
+def collect(run: Run, chosen: list[int]) -> tuple[rollout.Batch, dict]:
+    """Generate, score and compute log pi_t / log pi_ref for the prompts `chosen` (indices into the set)."""
+    cfg, d, tok, prompt_set = run.cfg, run.dist, run.tokenizer, run.prompts
+    ids, mask = data.left_pad([prompt_set.prompt_ids[i] for i in chosen], tok.pad_token_id, d.device)
+    hybrid = prompt_set.partners is not None  # y' from the dataset: sample one response per prompt
+    gen_cfg = dataclasses.replace(cfg.generation, samples_per_prompt=1) if hybrid else cfg.generation
+    with run.timer("generate"):
+        t0 = time.perf_counter()
+        ro = run.sampler.generate(ids, mask, gen_cfg, generator=run.sample_generator)
+        gen_s = time.perf_counter() - t0
+    sampled = None
+    if hybrid:
+        partners = [prompt_set.partners[i] for i in chosen]
+        ro = rollout.with_offline_partners(ro, partners, tok, run.sampler.eos_ids.tolist())
+        sampled = torch.arange(2 * len(chosen), device=ro.finished.device) < len(chosen)
+    k = cfg.generation.samples_per_prompt
+    responses = rollout.from_rollout(ro, [prompt_set.prompts[i] for i in chosen] * k, tok, samples=k, sampled=sampled)
+    scores = prefs = None
+    with run.timer("score"):
+        if run.feedback.reward is not None:
+            raw = rewards.score(run.feedback.reward, responses.prompts, responses.responses, d.device)
+            scores = rollout.apply_eos_penalty(raw, responses.finished, cfg.reward.missing_eos_penalty)
+        if run.feedback.prefer is not None:
+            prefs = _anchor_preferences(run.feedback.prefer, responses, d.device)
+    with run.timer("logprobs"):
+        old, ref = _old_and_ref_logprobs(run, responses)
+    kl = rollout.sequence_kl(old, ref)
+    batch = rollout.Batch.of(responses, old_logprobs=old, ref_logprobs=ref, kl=kl, scores=scores,
+                             anchor_preferences=prefs, rewards=_shaped(cfg.reward.kl_coef, kl, scores, prefs))
+    return batch, rollout_stats(batch, gen_s, d)
+
+
+def _old_and_ref_logprobs(run: Run, responses: rollout.Responses) -> tuple[torch.Tensor, torch.Tensor]:
+    kw = dict(micro_prompts=run.cfg.train.micro_batch_prompts, temperature=run.cfg.generation.temperature)
+    return (rollout.sequence_logprobs(run.policy_lp, responses, **kw),
+            rollout.sequence_logprobs(run.reference_lp, responses, **kw))
+
+
+def _shaped(kl_coef: float, kl: torch.Tensor, scores, prefs) -> torch.Tensor | None:
+    """r = score - kl_coef * KL; for REBEL from preferences r = (2 P(y_s > y'') - 1) - kl_coef * KL on
+    the two trained samples [2B] (the anchor only enters through the targets)."""
+    if scores is not None:
+        return rollout.shape_rewards(scores, kl, kl_coef)
+    if prefs is not None:
+        return rollout.shape_rewards(2 * prefs.float() - 1, kl[: prefs.shape[0]], kl_coef)
+    return None
+
+
+def _anchor_preferences(prefer, batch: rollout.Responses, device) -> torch.Tensor:
+    """REBEL from preferences: [2B] P(y_s > y'' | x) for s = 0, 1 against the anchor sample y'' (rows
+    2B..3B-1), one preference-model call, with the missing-EOS rule applied."""
+    b = batch.groups
+    checked = functools.partial(rewards.preferences, prefer, device=device)  # count and range checked
+    prefs = anchor_preferences(checked, batch.prompts[:b], batch.responses)
+    ruled = rollout.apply_eos_rule(prefs, batch.finished[: 2 * b], batch.finished[2 * b :].repeat(2))
+    return torch.where(torch.isfinite(prefs), ruled, prefs)  # a broken model's NaN still skips the update
+
+
+def rollout_stats(batch: rollout.Batch, gen_s: float, d: parallel.Dist) -> dict:
+    """The iteration's rollout metrics, over all ranks."""
+    valid = batch.labels != rollout.IGNORE
+    gap = (batch.sampler_logprobs - batch.old_logprobs).abs()[valid & batch.sampled[:, None]]
+    stats = {
+        "kl/mean": parallel.global_mean_std(batch.kl, d)[0],
+        "eos_rate": parallel.global_mean_std(batch.finished.float(), d)[0],
+        "response_length/mean": parallel.global_mean_std(valid.sum(-1).float(), d)[0],
+        "generation/tokens_per_s": parallel.all_reduce(
+            torch.tensor(valid.sum().item() / max(gen_s, 1e-9), device=d.device), d).item(),
+        "logprob_gap/mean_abs": parallel.global_mean_std(gap, d)[0],
+    }
+    stats["truncation_rate"] = 1 - stats["eos_rate"]
+    if batch.scores is not None:
+        stats["reward/mean"], stats["reward/std"] = parallel.global_mean_std(batch.rewards, d)
+        stats["score/mean"] = parallel.global_mean_std(batch.scores, d)[0]
+    if batch.anchor_preferences is not None:
+        stats["preference/mean"] = parallel.global_mean_std(batch.anchor_preferences, d)[0]
+    return stats
+
+
+def collect_preference_pairs(run: Run, chosen: list[int]) -> rollout.Batch:
+    """Offline algorithms (DPO): the prompts with the dataset's chosen (rows 0..B-1) and rejected
+    (rows B..2B-1) responses, and their log pi_ref; nothing is sampled or scored."""
+    cfg, tok, prompt_set = run.cfg, run.tokenizer, run.prompts
+    ids, mask = data.left_pad([prompt_set.prompt_ids[i] for i in chosen], tok.pad_token_id, run.dist.device)
+    texts = {role: [prompt_set.responses[role][i] for i in chosen] for role in ("chosen", "rejected")}
+    ro = rollout.preference_pairs(ids, mask, texts["chosen"], texts["rejected"], tok, run.sampler.eos_ids.tolist(),
+                                  cfg.generation.max_new_tokens)
+    responses = rollout.from_rollout(ro, [prompt_set.prompts[i] for i in chosen] * 2, tok, samples=2,
+                                     sampled=torch.zeros_like(ro.finished))
+    with run.timer("logprobs"):
+        ref = rollout.sequence_logprobs(run.reference_lp, responses, micro_prompts=cfg.train.micro_batch_prompts,
+                                        temperature=cfg.generation.temperature)
+    return rollout.Batch.of(responses, ref_logprobs=ref)
+
+
+def feedback_is_finite(batch: rollout.Batch, d: parallel.Dist) -> bool:
+    """No NaN/inf in the scores or preferences of any rank's batch."""
+    bad = torch.zeros((), device=batch.labels.device)
+    for x in (batch.scores, batch.anchor_preferences):
+        if x is not None:
+            bad = bad + (~torch.isfinite(x)).any().float()
+    return parallel.all_reduce(bad, d).item() == 0
