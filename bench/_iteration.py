@@ -109,6 +109,20 @@ def _dtype(module) -> str | None:
 # ours
 
 
+@contextlib.contextmanager
+def _patched(module, **attrs):
+    """Set a peer module's attributes for the duration of the block (TRL's setup hooks only, never the
+    timed code)."""
+    saved = {name: getattr(module, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def run_ours(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
     """The engine's loop on the case's config (engine.build.build -> engine.loop.run); phases from the
     run's metrics.jsonl (PhaseTimer). The built run's checkpointer is swapped for one that writes nothing

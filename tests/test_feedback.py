@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from engine import config as C
 from engine import data, rewards, rollout
-from engine.build import build
+from engine.build import build, build_feedback
 from engine.collect import collect, collect_preference_pairs
 from engine.tasks import char_tokenizer, counting_preference, counting_preference_pairs, counting_reward
 from engine.train import train

@@ -75,7 +75,7 @@ def _plain_logprobs(lm, batch, temperature):
 
 def test_one_iteration_matches_plain_pytorch(tmp_path):
     run, batch, stats = _iteration_inputs(tmp_path)
-    cfg, policy, lp = run.cfg, run.policy, run.policy_lp
+    cfg, policy = run.cfg, run.policy
     T = cfg.generation.temperature
     plain = _plain_logprobs(policy, batch, T).detach()
     torch.testing.assert_close(batch.old_logprobs, plain, rtol=1e-5, atol=1e-5)
