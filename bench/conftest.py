@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from bench._common import environment, slug
+from bench._accounting import matmul_peak_record
+from bench._environment import environment, slug
 
 RESULTS_DIR = os.environ.get("REBEL_BENCH_RESULTS_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                         "results")
@@ -63,13 +64,7 @@ def _save(config, final: bool) -> list[tuple[str, int]]:
         return []
     if _ENV not in config.stash:
         config.stash[_ENV] = environment()
-    env = dict(config.stash[_ENV])
-    from bench._common import _MATMUL_PEAK  # noqa: PLC0415
-
-    if _MATMUL_PEAK:
-        env.update(bf16_matmul_peak_tflops=_MATMUL_PEAK["tflops"],
-                   bf16_matmul_peak_method=f"{_MATMUL_PEAK['n']}^3 bf16 torch.matmul, median of "
-                                           f"{_MATMUL_PEAK['iters']} CUDA-event timings")
+    env = dict(config.stash[_ENV], **matmul_peak_record())
     env["complete"] = final
     os.makedirs(RESULTS_DIR, exist_ok=True)
     written = []

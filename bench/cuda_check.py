@@ -6,14 +6,16 @@ sweep, and fused-vs-naive time and memory at the Llama-3-8B head shape. Writes J
 import dataclasses
 import json
 import os
-import subprocess
 import sys
-import time
+
+if __package__ in (None, ""):  # python bench/cuda_check.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import triton
 
 import rebel_kernels as rk
+from bench._environment import environment
 from rebel_kernels import reference as R
 from rebel_kernels import triton_kernels as tk
 
@@ -159,9 +161,7 @@ def sweep():
 
 def main():
     path = sys.argv[1]
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=time.strftime("%Y-%m-%d"),
-                commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
+    meta = environment()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     meta["bf16_matmul_tflops"] = 2 * 8192**3 / bench_ms(lambda: a @ a) / 1e9
     print(json.dumps(meta))

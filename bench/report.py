@@ -128,17 +128,23 @@ def iteration_table(rows: list[dict]) -> str:
 
 
 def _head(path: str, env: dict) -> str:
+    """The file's environment record on one line; fields an older file lacks are left out."""
     peak = env.get("bf16_matmul_peak_tflops")
     peers = ", ".join(f"{k} {v}" for k, v in (env.get("peers") or {}).items() if v)
-    return (f"## {os.path.basename(path)}\n\n"
-            f"device: {env.get('device')}; driver: {env.get('driver', '-')}; torch {env.get('torch')}, "
-            f"triton {env.get('triton')}{'; ' + peers if peers else ''}; commit {env.get('git_commit') or '-'}"
-            f"{' (dirty)' if env.get('git_dirty') else ''}; {env.get('datetime_utc', env.get('date'))}"
-            f"{f'; bf16 matmul peak {peak:.0f} TFLOP/s (measured)' if peak else ''}\n")
+    device = env.get("device")
+    host = [f"CPU {env['cpu']}" if env.get("cpu") and env["cpu"] != device else "",
+            f"{env['cpu_count']} cores" if env.get("cpu_count") else ""]
+    parts = [f"device: {device}" + (f" ({', '.join(p for p in host if p)})" if any(host) else ""),
+             f"driver: {env['driver']}" if env.get("driver") else "",
+             ", ".join(f"{lib} {env[lib]}" for lib in ("torch", "triton", "transformers") if env.get(lib)), peers,
+             f"commit {env.get('git_commit') or '-'}{' (dirty)' if env.get('git_dirty') else ''}",
+             str(env.get("datetime_utc", env.get("date"))),
+             f"bf16 matmul peak {peak:.0f} TFLOP/s (measured)" if peak else ""]
+    return f"## {os.path.basename(path)}\n\n" + "; ".join(p for p in parts if p) + "\n"
 
 
 def plain_table(rows: list[dict]) -> str:
-    """Any other suite (e.g. engine/compare.py's): one column per key, numbers to 3 decimals."""
+    """Any other suite (e.g. bench/compare.py's): one column per key, numbers to 3 decimals."""
     keys = list(rows[0]) if rows else []
     cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -157,15 +163,9 @@ def report(path: str) -> str:
     return _head(path, data.get("environment", {})) + f"\n### {suite}\n\n" + table + "\n"
 
 
-def plots(paths: list[str], out_dir: str) -> list[str]:
-    """One PNG per (device, dtype, H, V, response fraction, mode): p50 time and op peak memory vs
-    N, one line per provider."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    groups = defaultdict(list)
+def _loss_groups(paths: list[str]) -> dict:
+    """Timed loss rows by (device, dtype, H, V, response %, mode), one per (provider, N)."""
+    groups = defaultdict(dict)
     for path in paths:
         with open(path) as f:
             data = json.load(f)
@@ -174,25 +174,85 @@ def plots(paths: list[str], out_dir: str) -> list[str]:
         for r in data["rows"]:
             if r.get("status") == "ok" and r.get("p50_s") is not None:
                 key = (r["device"], r["dtype"], r["H"], r["V"], round(100 * r["response_fraction"]), r["mode"])
-                groups[key].append(r)
+                groups[key][(r["provider"], r["N"])] = r  # measured twice: the later file's row
+    return {key: list(rows.values()) for key, rows in groups.items()}
+
+
+def _metrics(r: dict) -> tuple:
+    """(p50 ms, op peak MiB or None) of a row."""
+    mem = r.get("op_peak_bytes")
+    return 1e3 * r["p50_s"], None if mem is None else mem / 2**20
+
+
+PLOT_PANELS = ("p50 time (ms)", "op peak memory (MiB)")
+# One colour per provider in every plot (the loss suite's providers, fused first); others get the next ones.
+PLOT_ORDER = ("fused", "naive", "naive-response", "compile", "torch-lce", "liger", "liger-scaled", "cce", "cce_exact")
+
+
+def _providers(rows: list[dict]) -> list[str]:
+    names = {r["provider"] for r in rows}
+    return [p for p in PLOT_ORDER if p in names] + sorted(names - set(PLOT_ORDER))
+
+
+def _color(provider: str, providers: list[str]) -> str:
+    extra = [p for p in providers if p not in PLOT_ORDER]
+    return f"C{PLOT_ORDER.index(provider) if provider in PLOT_ORDER else len(PLOT_ORDER) + extra.index(provider)}"
+
+
+def _curves(axes, rows: list[dict]) -> None:
+    """Several N: one line per provider over N, log-log."""
+    providers = _providers(rows)
+    for provider in providers:
+        mine = sorted((r for r in rows if r["provider"] == provider), key=lambda r: r["N"])
+        for k, ax in enumerate(axes):
+            pts = [(r["N"], _metrics(r)[k]) for r in mine if _metrics(r)[k] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=provider, color=_color(provider, providers))
+    for ax, label in zip(axes, PLOT_PANELS):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N (positions)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+
+
+def _bars(axes, rows: list[dict]) -> None:
+    """One N: one bar per provider (linear axis from 0, the value on each bar)."""
+    providers = _providers(rows)
+    rows = sorted(rows, key=lambda r: providers.index(r["provider"]))
+    for k, (ax, label) in enumerate(zip(axes, PLOT_PANELS)):
+        pts = [(r["provider"], _metrics(r)[k]) for r in rows if _metrics(r)[k] is not None]
+        if not pts:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            names, values = zip(*pts)
+            bars = ax.bar(names, values, color=[_color(p, providers) for p in names])
+            ax.bar_label(bars, labels=[f"{x:.0f}" if x >= 100 else f"{x:.3g}" for x in values], fontsize=8)
+            ax.margins(y=0.12)
+            if len(names) > 4:
+                for tick in ax.get_xticklabels():
+                    tick.set(rotation=30, ha="right")
+        ax.set_xlabel(f"provider (N={rows[0]['N']} positions)")
+        ax.set_ylabel(label)
+        ax.grid(True, axis="y", alpha=0.3)
+
+
+def plots(paths: list[str], out_dir: str) -> list[str]:
+    """One PNG per (device, dtype, H, V, response fraction, mode): p50 time and op peak memory
+    per provider, as a line over N where the results hold several N, as bars where they hold one."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for (device, dtype, h, v, pct, mode), rows in sorted(groups.items()):
-        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
-        for provider in sorted({r["provider"] for r in rows}):
-            mine = sorted((r for r in rows if r["provider"] == provider), key=lambda r: r["N"])
-            ns = [r["N"] for r in mine]
-            ax_t.plot(ns, [1e3 * r["p50_s"] for r in mine], marker="o", label=provider)
-            mem = [(r["N"], r["op_peak_bytes"] / 2**20) for r in mine if r.get("op_peak_bytes") is not None]
-            if mem:
-                ax_m.plot(*zip(*mem), marker="o", label=provider)
-        for ax, label in ((ax_t, "p50 time (ms)"), (ax_m, "op peak memory (MiB)")):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("N (positions)")
-            ax.set_ylabel(label)
-            ax.grid(True, which="both", alpha=0.3)
-        ax_t.legend(fontsize=8)
+    for (device, dtype, h, v, pct, mode), rows in sorted(_loss_groups(paths).items()):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        (_curves if len({r["N"] for r in rows}) > 1 else _bars)(axes, rows)
         fig.suptitle(f"{mode}, {device} {dtype}, H={h} V={v}, {pct}% response tokens")
         fig.tight_layout()
         path = os.path.join(out_dir, f"loss_{device}_{dtype}_H{h}_V{v}_r{pct}_{mode}.png")

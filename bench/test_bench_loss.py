@@ -8,8 +8,9 @@ linear_cross_entropy, Liger-Kernel and Cut Cross-Entropy: time (pytest-benchmark
     python bench/report.py [--plots]                             # markdown tables (+ PNG plots)
 
 Each benchmark's numbers are in benchmark.extra_info (pytest-benchmark's own --benchmark-json
-carries them too) and in the rows the session saves.  See bench/_common.py for the shapes and
-the FLOP accounting, bench/_memory.py for how memory is measured.
+carries them too) and in the rows the session saves.  See bench/_cases.py for the shapes,
+bench/_providers.py for the providers, bench/_accounting.py for the FLOP accounting and
+bench/_memory.py for how memory is measured.
 """
 from __future__ import annotations
 
@@ -18,26 +19,20 @@ import gc
 import pytest
 import torch
 
-from bench._common import (
-    CASES,
+from bench._accounting import bf16_matmul_peak_tflops, describe, timing_summary
+from bench._cases import CASES, Case, input_bytes, make_inputs, skip_reason
+from bench._memory import measure_cpu_op_memory, measure_cuda_op_memory
+from bench._providers import (
     MODES,
     PROVIDERS,
-    Case,
-    bf16_matmul_peak_tflops,
     check_provider,
-    describe,
     fused_ops,
-    input_bytes,
     liger_scaled_impl,
-    make_inputs,
     make_step,
     naive_rebel_loss,
     naive_token_logprobs,
     provider_skip_reason,
-    skip_reason,
-    timing_summary,
 )
-from bench._memory import measure_cpu_op_memory, measure_cuda_op_memory
 
 
 def _case_params():

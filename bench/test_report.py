@@ -33,6 +33,31 @@ def test_report_plots(tmp_path):
     assert written and all(os.path.getsize(p) > 0 for p in written)
 
 
+def _loss_row(provider: str, n: int, p50: float, peak: int | None, fraction: float = 1.0) -> dict:
+    return dict(case=f"c{n}", provider=provider, mode="fwd", device="cuda", dtype="bfloat16", N=n, H=64, V=1000,
+                response_fraction=fraction, valid_tokens=n, status="ok", p50_s=p50, op_peak_bytes=peak)
+
+
+def test_report_plots_curves_and_bars(tmp_path, monkeypatch):
+    """Several N: a line per provider over N (log axes); one N: a bar per provider (linear, from 0)."""
+    pytest.importorskip("matplotlib")
+    rows = [_loss_row("fused", 2048, 1e-3, 2**20), _loss_row("fused", 8192, 3e-3, 2**21),
+            _loss_row("naive", 2048, 2e-3, 2**24), _loss_row("naive", 8192, 7e-3, None),
+            _loss_row("fused", 2048, 1e-3, None, 0.5), _loss_row("naive", 2048, 2e-3, None, 0.5)]
+    path = tmp_path / "gpu_2026-01-01_loss.json"
+    path.write_text(json.dumps(dict(suite="loss", environment={"device": "gpu"}, rows=rows)))
+    drawn = []
+    for kind in ("_curves", "_bars"):
+        real = getattr(report, kind)
+        monkeypatch.setattr(report, kind, lambda axes, rs, kind=kind, real=real: (drawn.append((kind, len(rs))),
+                                                                                  real(axes, rs)))
+    written = report.plots([str(path)], str(tmp_path / "plots"))
+    assert [os.path.basename(p) for p in written] == ["loss_cuda_bfloat16_H64_V1000_r50_fwd.png",
+                                                      "loss_cuda_bfloat16_H64_V1000_r100_fwd.png"]
+    assert drawn == [("_bars", 2), ("_curves", 4)]
+    assert all(os.path.getsize(p) > 0 for p in written)
+
+
 def _iteration_row(provider: str, iteration: int, total: float, peak: float) -> dict:
     phases = dict(generate_s=0.4 * total, score_s=0.01 * total, logprobs_s=0.1 * total, update_s=0.45 * total,
                   sync_s=0.01 * total if provider == "ours" else None)

@@ -1,8 +1,8 @@
 """The paper's comparison (its Table 1 / Figure 5) on the built-in task: every algorithm through the
 same loop, fused op and generation, with the same budget of reward queries per iteration.
 
-    python engine/compare.py                      # writes runs/compare/{table.md, results.json, reward_vs_kl.png}
-    python engine/compare.py --run_dir out --iterations 50
+    python bench/compare.py                      # writes runs/compare/{table.md, results.json, reward_vs_kl.png}
+    python bench/compare.py --run_dir out --iterations 50
 
 Each algorithm gets 128 feedback queries per iteration: reward-model calls for the on-policy
 algorithms (RLOO with k = 4 gets 32 prompts, k = 2 algorithms 64), preference-model calls for REBEL
@@ -24,24 +24,13 @@ import subprocess
 import sys
 import time
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # python bench/compare.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench._environment import REPO_ROOT, environment
 from engine import config as C
-from engine.metrics import read_metrics
 
-
-def environment() -> dict:
-    import platform  # noqa: PLC0415
-
-    import torch  # noqa: PLC0415
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
-    return {"device": device, "torch": torch.__version__, "git_commit": commit or None,
-            "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
-
+TRAIN = os.path.join(REPO_ROOT, "engine", "train.py")  # the entry point each entry runs
 QUERIES_PER_ITERATION = 128
 ENTRIES = ["default", "counting_reinforce", "counting_rloo2", "counting_rloo4", "counting_iterative_dpo",
            "counting_dpo", "counting_rebel_preference", "counting_lora"]
@@ -52,24 +41,28 @@ def prompts_per_iteration(algorithm) -> int:
     return QUERIES_PER_ITERATION // (algorithm.queries_per_prompt or algorithm.samples_per_prompt)
 
 
-def overrides(preset: str, run_dir: str, iterations: int) -> list[str]:
-    """The train.py command line of one entry: same task, iterations and feedback queries per iteration."""
+def overrides(preset: str, run_dir: str, iterations: int) -> list[tuple[str, str]]:
+    """The config overrides of one entry: same task, iterations and feedback queries per iteration."""
     prompts = prompts_per_iteration(C.PRESETS[preset]().algorithm)
-    return ["--preset", preset, "--run_dir", os.path.join(run_dir, preset),
-            "--rebel.prompts_per_iteration", str(prompts), "--optim.iterations", str(iterations),
-            "--logging.tensorboard", "false", "--logging.progress", "false", "--checkpoint.every", "0",
-            "--checkpoint.export_hf", "false"]
+    return [("run_dir", os.path.join(run_dir, preset)), ("train.prompts_per_iteration", str(prompts)),
+            ("optim.iterations", str(iterations)), ("logging.tensorboard", "false"),
+            ("logging.progress", "false"), ("checkpoint.every", "0"), ("checkpoint.export_hf", "false")]
 
 
 def run(preset: str, run_dir: str, iterations: int) -> tuple[C.TrainConfig, float]:
-    """One entry in its own process, so that its peak memory is its own."""
-    args = overrides(preset, run_dir, iterations)
+    """One entry in its own process (python engine/train.py --preset P --key value ...), so that its
+    peak memory is its own; its config (the same overrides on the same preset) and wall time."""
+    pairs = overrides(preset, run_dir, iterations)
+    argv = ["--preset", preset, *(arg for key, value in pairs for arg in (f"--{key}", value))]
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), *args],
-                   check=True, stdout=subprocess.DEVNULL)
-    from engine.train import parse_args  # noqa: PLC0415
+    subprocess.run([sys.executable, TRAIN, *argv], check=True, stdout=subprocess.DEVNULL)
+    return C.apply_overrides(C.PRESETS[preset](), pairs), time.perf_counter() - t0
 
-    return parse_args(args), time.perf_counter() - t0
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The rows of a finished run's metrics.jsonl (one JSON object per line)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def summarize(preset: str, cfg: C.TrainConfig, wall_s: float) -> dict:
@@ -88,8 +81,8 @@ def summarize(preset: str, cfg: C.TrainConfig, wall_s: float) -> dict:
     return dict(preset=preset, algorithm=name, k=cfg.algorithm.samples_per_prompt,
                 feedback="offline pairs" if cfg.algorithm.offline else
                 ("preference model" if cfg.algorithm.needs_preferences else "reward model"),
-                prompts=cfg.rebel.prompts_per_iteration,
-                epochs=cfg.rebel.num_epochs, iterations=len(rows), first_score=rows[0]["score/mean"],
+                prompts=cfg.train.prompts_per_iteration,
+                epochs=cfg.train.num_epochs, iterations=len(rows), first_score=rows[0]["score/mean"],
                 reward=reward, reward_se=reward_se, score=score, score_se=score_se,
                 kl=mean_se("kl/mean")[0], wall_s=wall_s, peak_gib=max(r["memory/peak_gib"] for r in rows))
 
@@ -116,14 +109,14 @@ def plot(results: list[dict], path: str) -> None:
     ax = fig.add_subplot()
     placed = []
     for r in results:
-        ax.scatter(r["kl"], r["score"], s=40)
+        ax.errorbar(r["kl"], r["score"], yerr=r.get("score_se"), fmt="o", ms=6, capsize=3)
         near = sum(abs(r["kl"] - kl) < 0.6 and abs(r["score"] - score) < 0.05 for kl, score in placed)
         placed.append((r["kl"], r["score"]))  # labels of coinciding points stack instead of overlapping
         ax.annotate(f"{r['algorithm']} k={r['k']}", (r["kl"], r["score"]), fontsize=8, xytext=(4, 4 + 10 * near),
                     textcoords="offset points")
     ax.margins(x=0.12, y=0.15)  # room for the labels
     ax.set_xlabel("KL to the reference (nats, last 10% of iterations)")
-    ax.set_ylabel("task score (last 10% of iterations)")
+    ax.set_ylabel("task score (last 10% of iterations, +- s.e.)")
     ax.set_title("Counting task: score vs KL, equal feedback queries")
     ax.grid(alpha=0.3)
     fig.tight_layout()
