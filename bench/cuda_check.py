@@ -17,7 +17,7 @@ import triton
 import rebel_kernels as rk
 from bench._environment import environment
 from rebel_kernels import reference as R
-from rebel_kernels import triton_kernels as tk
+from rebel_kernels.logprobs import triton_kernels as tk
 
 
 def rel(a, b):

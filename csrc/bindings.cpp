@@ -4,8 +4,9 @@
 //   torch.ops.rebel_kernels.sample_logits(Tensor logits, Tensor uniform, float temperature,
 //                                         int top_k, float top_p) -> (Tensor token, Tensor logprob)
 //
-// The namespace `rebel_kernels` is shared with the Python custom ops (rebel_kernels/ops.py), hence
-// TORCH_LIBRARY_FRAGMENT. The fake (meta) implementation is registered in rebel_kernels/sampling.py.
+// The namespace `rebel_kernels` is shared with the Python custom ops (rebel_kernels/logprobs/ops.py),
+// hence TORCH_LIBRARY_FRAGMENT. The fake (meta) implementation is registered in
+// rebel_kernels/topk_topp/ops.py (the module named by set_python_module below).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -64,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> sample_logits_cpu(const at::Tensor& logits,
 
 TORCH_LIBRARY_FRAGMENT(rebel_kernels, m) {
   // Fake tensors look for the fake implementation in this module (imported on demand).
-  m.set_python_module("rebel_kernels.sampling");
+  m.set_python_module("rebel_kernels.topk_topp.ops");
   m.def(
       "sample_logits(Tensor logits, Tensor uniform, float temperature, int top_k, float top_p)"
       " -> (Tensor, Tensor)");

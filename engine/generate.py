@@ -232,7 +232,7 @@ class Sampler:
 
     def _sample(self, state, config: SamplingConfig, t: int, eos, generator):
         if self._hidden_path(config, t):
-            from rebel_kernels.gumbel_sampling import sample_from_hidden
+            from rebel_kernels import sample_from_hidden
 
             head = self.model.get_output_embeddings()
             return sample_from_hidden(state, head.weight, bias=head.bias, temperature=config.temperature,
@@ -243,7 +243,7 @@ class Sampler:
         if config.greedy:
             tok = logits.argmax(-1)
             return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
-        from rebel_kernels.sampling import sample_logits
+        from rebel_kernels import sample_logits
 
         return sample_logits(logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                              generator=generator)

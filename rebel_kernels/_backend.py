@@ -1,4 +1,11 @@
-"""Backend choice: REBEL_KERNELS_BACKEND=auto|triton|torch, read on every call."""
+"""Backend choice (REBEL_KERNELS_BACKEND=auto|triton|torch, read on every call) and the one switch of
+Triton's interpreter (TRITON_INTERPRET=1: the Triton kernels run on CPU tensors).
+
+No triton import at module level: `triton_available()` tries it once, and the Triton kernel modules
+(rebel_kernels/*/triton_kernels.py, rebel_kernels/_triton_common.py) are imported only by the launch
+paths, after `resolve()` picked "triton". So the package imports, and runs on the torch backend,
+where triton is not installed.
+"""
 from __future__ import annotations
 
 import functools
@@ -11,6 +18,7 @@ BACKENDS = ("auto", "triton", "torch")
 
 @functools.cache
 def triton_available() -> bool:
+    """Is triton importable? (tried once)"""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -19,6 +27,7 @@ def triton_available() -> bool:
 
 
 def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (read on every call)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -1,4 +1,5 @@
-"""Argument checks of the public functions. Every message names the argument and its bad value."""
+"""Argument checks of every public function (all ops). Every message names the argument and its bad
+value. `positive_finite` is public as `rebel_kernels.positive_finite`."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
+SAMPLING_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # logits of sample_logits
 
 
 def tensor(name: str, value, *, floating: bool = False) -> None:
@@ -18,6 +20,7 @@ def tensor(name: str, value, *, floating: bool = False) -> None:
 
 
 def positive_finite(name: str, value) -> float:
+    """`value` as a float if it is a real number, finite and > 0; else TypeError / ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     if not math.isfinite(value) or value <= 0:
@@ -67,13 +70,7 @@ def token_inputs(hidden, weight, labels, bias, temperature, ignore_index) -> flo
         raise ValueError(f"weight has an empty vocabulary: shape {tuple(weight.shape)}")
     same_device("weight", weight, hidden)
     same_device("labels", labels, hidden)
-    if bias is not None:
-        tensor("bias", bias, floating=True)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
-        same_device("bias", bias, hidden)
+    head_bias(bias, weight, hidden)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     return positive_finite("temperature", temperature)
@@ -82,6 +79,77 @@ def token_inputs(hidden, weight, labels, bias, temperature, ignore_index) -> flo
 def same_device(name: str, value: torch.Tensor, hidden: torch.Tensor) -> None:
     if value.device != hidden.device:
         raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}")
+
+
+def head_bias(bias, weight: torch.Tensor, hidden: torch.Tensor) -> None:
+    """The optional LM head bias: None, or [V] of hidden's dtype and device."""
+    if bias is not None:
+        tensor("bias", bias, floating=True)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
+        same_device("bias", bias, hidden)
+
+
+def generator_on(generator, name: str, value: torch.Tensor) -> None:
+    """None, or a torch.Generator on the device of `value` (the tensor called `name`)."""
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        gdev = generator.device
+        same = gdev.type == value.device.type and (
+            gdev.index is None or value.device.index is None or gdev.index == value.device.index
+        )
+        if not same:
+            raise ValueError(f"generator is on {gdev} but {name} is on {value.device}")
+
+
+def hidden_sample_inputs(hidden, weight, bias, temperature, generator) -> float:
+    """Checks of `sample_from_hidden` (Gumbel-max sampling). Returns the temperature as a float."""
+    tensor("hidden", hidden, floating=True)
+    tensor("weight", weight, floating=True)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [R, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dim must equal weight's H={weight.shape[1]}, got hidden shape {tuple(hidden.shape)}"
+        )
+    if hidden.shape[0] == 0:
+        raise ValueError(f"hidden must have at least one row, got shape {tuple(hidden.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight has an empty vocabulary: shape {tuple(weight.shape)}")
+    same_device("weight", weight, hidden)
+    head_bias(bias, weight, hidden)
+    generator_on(generator, "hidden", hidden)
+    return positive_finite("temperature", temperature)
+
+
+def logits_sample_inputs(logits, temperature, top_k, top_p, generator) -> tuple[float, int, float]:
+    """Checks of `sample_logits` (temperature, top-k, top-p). Returns (temperature, top_k, top_p)."""
+    tensor("logits", logits)
+    if logits.dtype not in SAMPLING_DTYPES:
+        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [R, V], got shape {tuple(logits.shape)}")
+    rows, vocab = logits.shape
+    if rows == 0 or vocab == 0:
+        raise ValueError(f"logits must have at least one row and one column, got shape {tuple(logits.shape)}")
+    temperature = positive_finite("temperature", temperature)
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise TypeError(f"top_k must be an int, got {top_k!r}")
+    if not 0 <= top_k <= vocab:
+        raise ValueError(f"top_k must be in [0, {vocab}] (0 = off, {vocab} = vocabulary size), got {top_k}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
+        raise TypeError(f"top_p must be a real number, got {top_p!r}")
+    if not 0 < top_p <= 1:  # also rejects NaN
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    generator_on(generator, "logits", logits)
+    return temperature, int(top_k), float(top_p)
 
 
 def loss_inputs(hidden, labels, old_logprobs, rewards, eta, reduction) -> float:

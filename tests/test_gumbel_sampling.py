@@ -1,4 +1,4 @@
-"""Gumbel-max sampling from hidden states (rebel_kernels.gumbel_sampling), both backends.
+"""Gumbel-max sampling from hidden states (rebel_kernels.gumbel), both backends.
 
 Under TRITON_INTERPRET=1 (set by conftest.py without CUDA) the Triton kernels run on CPU tensors.
 Tile sizes there: BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, vocabulary splits of 64 columns, so V=131
@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from rebel_kernels import _alloc
-from rebel_kernels import gumbel_sampling as gs
-from rebel_kernels.gumbel_sampling import reference_gumbel_sample, sample_from_hidden
-from rebel_kernels.triton_kernels import TileConfig
+from rebel_kernels._tiles import TileConfig
+from rebel_kernels.gumbel import reference_gumbel_sample, sample_from_hidden
+from rebel_kernels.gumbel import torch_impl as gs  # the torch path (its chunk sizes are monkeypatched)
+from rebel_kernels.gumbel import triton_kernels as gt  # the Triton launchers
 
 
 def make_head(seed, R, H, V, *, dtype=torch.float32, bias=True, logit_scale=2.0):
@@ -131,9 +132,9 @@ def test_triton_argmax_matches_reference(monkeypatch, seed, config):
     monkeypatch.setenv("REBEL_KERNELS_BACKEND", "triton")
     R, H, V, T = 19, 40, 131, 0.8
     h, w, b = make_head(seed, R, H, V)
-    seed_t = gs.draw_seed(gen(seed), h.device)
-    tokens, logp = gs.gumbel_sample_triton(h, w, b, T, seed_t, config=config)
-    u = gs.kernel_uniforms(seed_t, R, V)
+    seed_t = gt.draw_seed(gen(seed), h.device)
+    tokens, logp = gt.gumbel_sample_triton(h, w, b, T, seed_t, config=config)
+    u = gt.kernel_uniforms(seed_t, R, V)
     assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
     check_against_reference(tokens, logp, logits64(h, w, b, T), u)
     # the public function draws the same seed from the same generator state
@@ -173,7 +174,7 @@ def test_ties_go_to_the_smaller_index(backend, monkeypatch, dups, expect):
     monkeypatch.setattr(gs, "TORCH_VOCAB_CHUNK", 32)
     h, w = tie_head(dups)
     if backend == "triton":
-        tokens, logp = gs.gumbel_sample_triton(h, w, None, 1.0, None, add_noise=False)
+        tokens, logp = gt.gumbel_sample_triton(h, w, None, 1.0, None, add_noise=False)
     else:
         tokens, logp = gs.gumbel_sample_torch(h, w, None, 1.0, None, add_noise=False)
     assert tokens.tolist() == [expect] * h.shape[0]
@@ -259,8 +260,8 @@ def test_chi_square_across_vocab_splits(monkeypatch):
     V, T, n = 41, 0.9, 8000
     h, w, b, z = chi2_head(V, T, True, data_seed=13, spread=1.0)
     cfg = TileConfig(block_m=64, block_n=16, block_k=16, num_warps=1, num_stages=1, split_v=16)
-    seed_t = gs.draw_seed(gen(303), h.device)
-    tokens, logp = gs.gumbel_sample_triton(h.expand(n, h.numel()), w, b, T, seed_t, config=cfg)
+    seed_t = gt.draw_seed(gen(303), h.device)
+    tokens, logp = gt.gumbel_sample_triton(h.expand(n, h.numel()), w, b, T, seed_t, config=cfg)
     check_fit(tokens, logp, z)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rebel_kernels  # noqa: F401  (defines the Python custom ops of the same namespace first)
-from rebel_kernels.sampling import reference_kept_mask, reference_sample_logits, sample_logits
+from rebel_kernels.topk_topp import reference_kept_mask, reference_sample_logits, sample_logits
 
 _C = pytest.importorskip("rebel_kernels._C", reason="native extension not built (pip install --no-build-isolation -e .)")
 op = torch.ops.rebel_kernels.sample_logits
@@ -284,12 +284,15 @@ def test_cuda_bad_rows_and_devices():
 
 
 def test_missing_extension_message(monkeypatch):
-    import rebel_kernels.sampling as sampling
+    import rebel_kernels.topk_topp.ops as sampling
 
     monkeypatch.setattr(sampling, "_C", None)
-    monkeypatch.setattr(sampling, "_IMPORT_ERROR", ImportError("No module named 'rebel_kernels._C'"))
-    with pytest.raises(ImportError, match=r"pip install --no-build-isolation -e \."):
-        sample_logits(torch.randn(2, 5))
+    monkeypatch.setattr(sampling, "IMPORT_ERROR", ImportError("No module named 'rebel_kernels._C'"))
+    monkeypatch.setattr(sampling, "_WARNED", False)  # without the extension: the PyTorch fallback, warned once
+    x = torch.randn(2, 5)
+    with pytest.warns(RuntimeWarning, match=r"pip install --no-build-isolation -e \."):
+        tok, _ = sample_logits(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tok, op(x, torch.rand(2, generator=torch.Generator().manual_seed(0)), 1.0, 0, 1.0)[0])
 
 
 def test_wrapper_compiles():

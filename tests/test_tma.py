@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from _inputs import assert_rel, make_batch, value_and_grads
-from rebel_kernels import fused_rebel_loss, triton_kernels
+from rebel_kernels import fused_rebel_loss
+from rebel_kernels.logprobs import triton_kernels
 from rebel_kernels.reference import reference_rebel_loss
 
 pytest.importorskip("triton")

@@ -1,4 +1,5 @@
-"""The chunked PyTorch path (the default on CPU tensors).
+"""The chunked PyTorch path of the token log-probabilities and the REBEL loss (the default on CPU
+tensors).
 
 It works on the compacted valid tokens only and walks them in blocks of `TOKEN_CHUNK` rows and
 the vocabulary in blocks of `VOCAB_CHUNK` columns, with an online log-sum-exp, so the largest

@@ -1,4 +1,8 @@
-"""Triton kernels and their launchers.
+"""Triton kernels of the token log-probabilities and the REBEL loss, and their launchers.
+
+Imported only when the backend resolves to "triton" (rebel_kernels/logprobs/ops.py imports it
+lazily); the shared tile of logits is in rebel_kernels/_triton_common.py, the tiles in
+rebel_kernels/_tiles.py.
 
 All kernels work on the compacted valid tokens: `idx[r]` is the flat position of the r-th token
 whose label is not `ignore_index`, so prompt and padding rows cost nothing. No kernel writes a
@@ -18,141 +22,19 @@ Loss epilogue: `_pair_loss_kernel`, one program per pair.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from . import _alloc
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TileConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    split_v: int = 0  # forward: vocabulary columns per split (a multiple of block_n)
-    group_m: int = 8  # backward: token blocks that share the L2-resident vocab tiles
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# Tiles per (GPU generation, pass). Chosen for bf16/fp16; float32 halves block_k.
-_TABLE = {
-    "interpret": {
-        "fwd": TileConfig(block_m=16, block_n=32, block_k=16, num_warps=1, num_stages=1, split_v=64),
-        "bwd": TileConfig(block_m=16, block_n=32, block_k=16, num_warps=1, num_stages=1, group_m=2),
-    },
-    "sm90": {
-        "fwd": TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, split_v=8192),
-        "bwd": TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, group_m=8),
-    },
-    "sm80": {  # A100 / A6000 (sm_86 has ~100 KB shared memory per block)
-        "fwd": TileConfig(block_m=128, block_n=64, block_k=32, num_warps=4, num_stages=3, split_v=8192),
-        "bwd": TileConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=2, group_m=8),
-    },
-}
-
-
-def tile_config(kind: str, device: torch.device, dtype: torch.dtype) -> TileConfig:
-    if interpreting() or device.type != "cuda":
-        return _TABLE["interpret"][kind]
-    major, _ = torch.cuda.get_device_capability(device)
-    cfg = _TABLE["sm90" if major >= 9 else "sm80"][kind]
-    if dtype == torch.float32:
-        cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2, num_stages=max(2, cfg.num_stages - 1))
-    return cfg
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs get exact float32 products (no tf32), so they match a float64 reference to 1e-5.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _use_tma(weight: torch.Tensor, cfg: TileConfig) -> bool:
-    """Load weight tiles through TMA tensor descriptors (Hopper+, or the interpreter) when
-    REBEL_KERNELS_TMA=1. Off by default until measured against the pointer path on an H100."""
-    if os.environ.get("REBEL_KERNELS_TMA", "0") != "1":
-        return False
-    if not hasattr(tl, "make_tensor_descriptor"):
-        return False
-    if not interpreting() and (weight.device.type != "cuda" or torch.cuda.get_device_capability(weight.device)[0] < 9):
-        return False
-    row_bytes = weight.stride(0) * weight.element_size()
-    if row_bytes % 16 or weight.data_ptr() % 16 or cfg.block_k * weight.element_size() < 16:
-        return False
-    triton.set_allocator(_descriptor_scratch)
-    return True
-
-
-def _descriptor_scratch(size: int, alignment: int, stream):
-    """Global scratch for descriptors built on the device (tl.make_tensor_descriptor)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda" if not interpreting() else "cpu")
-
-
-def _upcast_dot(dtype: torch.dtype) -> bool:
-    # Triton's interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584); float32
-    # operands give the exact products (a bf16 x bf16 product fits in float32).
-    return interpreting() and dtype == torch.bfloat16
+from .. import _alloc
+from .._backend import interpreting  # noqa: F401  (the one interpreter switch, re-exported for tests)
+from .._tiles import TileConfig, tile_config  # noqa: F401  (TileConfig: for callers passing config=)
+from .._triton_common import _dot_precision, _scaled_logits_tile, _upcast_dot, _use_tma, _weight_desc, _weight_tile
 
 
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _weight_tile(w_ptr, w_desc, cols, cmask, v0, k0, ks, kmask, stride_w, USE_TMA: tl.constexpr):
-    """w[v0 : v0 + BLOCK_N, k0 : k0 + BLOCK_K], zero outside [V, H]: a TMA tensor-descriptor load
-    on Hopper when enabled, else plain pointer loads (the path the interpreter runs)."""
-    if USE_TMA:
-        return w_desc.load([v0, k0])
-    else:
-        return tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-
-
-@triton.jit
-def _weight_desc(w_ptr, V, H, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
-    if USE_TMA:
-        return tl.make_tensor_descriptor(w_ptr, shape=[V, H], strides=[stride_w, 1], block_shape=[BLOCK_N, BLOCK_K])
-    else:
-        return w_ptr
-
-
-@triton.jit
-def _logits_tile(h_ptr, src, rmask, w_ptr, w_desc, v0, cols, cmask, H, stride_h, stride_w,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
-    """acc[m, n] = sum_k h[src[m], k] * w[cols[n], k], float32 accumulation.  -> [BLOCK_M, BLOCK_N]"""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < H
-        a = tl.load(h_ptr + src[:, None] * stride_h + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = _weight_tile(w_ptr, w_desc, cols, cmask, v0, k0, ks, kmask, stride_w, USE_TMA)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
-def _scaled_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask, H, stride_h, stride_w, inv_temp,
-                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                        USE_TMA: tl.constexpr):
-    """z = (h W^T + b) / T for one tile, float32, -inf outside the columns in `cmask`.  -> [BLOCK_M, BLOCK_N]"""
-    acc = _logits_tile(h_ptr, src, rmask, w_ptr, w_desc, v0, cols, cmask, H, stride_h, stride_w,
-                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    return tl.where(cmask[None, :], acc * inv_temp, float("-inf"))
-
-
 @triton.jit
 def _fwd_partial_kernel(
     h_ptr, idx_ptr, w_ptr, b_ptr, y_ptr,          # hidden [*, H], idx [N], weight [V, H], bias [V], labels [*]

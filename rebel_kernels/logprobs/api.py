@@ -1,10 +1,12 @@
-"""The public ops: argument checks, backend choice, and the documentation users read."""
+"""The public functions of the token log-probabilities and the REBEL loss: argument checks, backend
+choice, and the documentation users read."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from . import _backend, _validate, ops  # noqa: F401  (ops registers torch.ops.rebel_kernels.*)
+from .. import _backend, _validate
+from . import ops  # noqa: F401  (registers torch.ops.rebel_kernels.token_logprobs, .pair_loss, ...)
 
 
 def fused_token_logprobs(

@@ -4,7 +4,8 @@ Three ops, each dispatching to the Triton or the chunked PyTorch backend:
   rebel_kernels::token_logprobs           (hidden, weight, bias, labels) -> logp, lse, entropy
   rebel_kernels::token_logprobs_backward  -> d hidden, d weight, d bias
   rebel_kernels::pair_loss                (logp [2B, T], labels, old, rewards) -> loss [B], err [B]
-Being custom ops, they are opaque to torch.compile (no graph break) and to FSDP2.
+Being custom ops, they are opaque to torch.compile (no graph break) and to FSDP2. The Triton
+launchers (triton_kernels.py, which imports triton) are imported only when `backend == "triton"`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _alloc, _validate, torch_impl
+from .. import _alloc, _validate
+from . import torch_impl
 
 
 def _compact(labels: Tensor, ignore_index: int):
