@@ -9,21 +9,44 @@ install torch first and build without isolation:
     pip install --no-build-isolation -e .
 
 GPU architectures: sm_80, sm_86, sm_90 (+ compute_90 PTX), unless TORCH_CUDA_ARCH_LIST is set.
+
+The extension is optional: if torch is not importable here or the compilation fails, the install
+goes on without it (with a warning) and rebel_kernels.sample_logits uses its PyTorch fallback
+(slower; it warns once at run time). REBEL_KERNELS_REQUIRE_EXT=1 turns a failed build into an error.
 """
 import os
 import sys
+import traceback
 
 from setuptools import setup
+
+REQUIRE_EXT = os.environ.get("REBEL_KERNELS_REQUIRE_EXT", "0") not in ("", "0")
+HOW_TO_BUILD = (
+    "Install torch first (e.g. `pip install torch setuptools wheel ninja`), then install this package "
+    "without build isolation: `pip install --no-build-isolation -e .`"
+)
+
+
+def warn_without_extension(reason: str) -> None:
+    bar = "=" * 100
+    print(f"\n{bar}\nWARNING: rebel_kernels._C (the native top-k/top-p sampler, csrc/) is NOT built: {reason}\n"
+          f"rebel-kernels installs without it; rebel_kernels.sample_logits then runs a pure PyTorch "
+          f"fallback (same results, slower).\n{HOW_TO_BUILD}\n"
+          f"Set REBEL_KERNELS_REQUIRE_EXT=1 to make this an error.\n{bar}\n", file=sys.stderr)
+
 
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as exc:
-    raise SystemExit(
-        f"rebel-kernels builds its C++/CUDA extension against the installed torch, but torch is not "
-        f"importable here ({exc}). Install torch first (e.g. `pip install torch setuptools wheel ninja`), "
-        f"then install this package without build isolation: `pip install --no-build-isolation -e .`"
-    ) from exc
+    if REQUIRE_EXT:
+        raise SystemExit(
+            f"rebel-kernels builds its C++/CUDA extension against the installed torch, but torch is not "
+            f"importable here ({exc}). {HOW_TO_BUILD}"
+        ) from exc
+    TORCH_MISSING = exc
+else:
+    TORCH_MISSING = None
 
 CSRC = "csrc"  # relative: setuptools wants source paths relative to this file
 CPU_SOURCES = [os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "sampling_cpu.cpp")]
@@ -62,7 +85,31 @@ def extension():
     )
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+def optional_build_ext():
+    class OptionalBuildExtension(BuildExtension.with_options(use_ninja=True)):
+        """torch's BuildExtension, but a failed compilation leaves the package installable without
+        the extension (a warning instead of an error), unless REBEL_KERNELS_REQUIRE_EXT=1."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # compiler missing, compile/link error, CUDA toolkit mismatch, ...
+                if REQUIRE_EXT:
+                    raise
+                traceback.print_exc()
+                warn_without_extension(f"the build failed ({type(exc).__name__}: {exc})")
+
+        def get_outputs(self):  # only what was built: install/wheel steps must not look for a missing .so
+            return [path for path in super().get_outputs() if os.path.exists(path)]
+
+    return OptionalBuildExtension
+
+
+if TORCH_MISSING is not None:
+    warn_without_extension(f"torch is not importable at build time ({TORCH_MISSING})")
+    setup()
+else:
+    setup(
+        ext_modules=[extension()],
+        cmdclass={"build_ext": optional_build_ext()},
+    )
