@@ -1,5 +1,5 @@
 """Both backends against the float64 reference: values and gradients, awkward shapes, low precision,
-poisoned outputs and determinism (DESIGN.md sections 4, 6 and 8).
+poisoned outputs and determinism (docs/design.md sections 4, 6 and 8).
 
 Inputs are drawn fresh on every run (the `seed` fixture; REBEL_TEST_SEED=<seed> replays a failure).
 Sizes stay tiny because the Triton kernels run in the interpreter on CPU.
