@@ -1,6 +1,12 @@
 """Benchmark session plumbing: the `slow` marker, the rows each benchmark records, and, with
 REBEL_BENCH_SAVE=1, bench/results/<device-slug>_<date>_<suite>.json written at session end
-(REBEL_BENCH_RESULTS_DIR=DIR writes them to DIR instead)."""
+(REBEL_BENCH_RESULTS_DIR=DIR writes them to DIR instead).
+
+Without a CUDA device the GPU-only parameters (CUDA shapes, CUDA-only providers) are deselected at
+collection, not skipped. A plain `pytest` runs every benchmarked function once, untimed and without
+tables (--benchmark-disable); `pytest bench --benchmark-enable` times them and prints pytest-benchmark's
+tables, as do REBEL_BENCH_SAVE=1 (the saved rows carry the timings), REBEL_BENCH_FULL=1, REBEL_BENCH_MODELS=...
+and any --benchmark-{only,json,save,autosave,compare,histogram} option."""
 from __future__ import annotations
 
 import gc
@@ -21,6 +27,49 @@ _ROWS = pytest.StashKey[list]()
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: big shapes, run only with REBEL_BENCH_FULL=1")
     config.stash[_ROWS] = []
+    _benchmark_defaults(config)
+
+
+_TIMING_OPTIONS = ("benchmark_enable", "benchmark_only", "benchmark_json", "benchmark_save", "benchmark_autosave",
+                   "benchmark_compare", "benchmark_histogram")
+
+
+def timing_requested(config) -> bool:
+    """Timing runs (and tables print) when asked for with an option or a measuring REBEL_BENCH_* variable."""
+    return (any(getattr(config.option, name, None) for name in _TIMING_OPTIONS)
+            or any(os.environ.get(var, "0") == "1" for var in ("REBEL_BENCH_SAVE", "REBEL_BENCH_FULL"))
+            or bool(os.environ.get("REBEL_BENCH_MODELS", "").strip()))
+
+
+def _benchmark_defaults(config) -> None:
+    """--benchmark-disable unless timing is requested: each benchmarked function still runs once (the bench
+    code stays tested), pytest-benchmark prints no tables. (pytest-benchmark's own pytest_configure is
+    trylast: it reads the option after this.)"""
+    if not hasattr(config.option, "benchmark_disable") or timing_requested(config):
+        return  # pytest-benchmark is not installed, or numbers are wanted
+    config.option.benchmark_disable = True
+    session = getattr(config, "_benchmarksession", None)
+    if session is not None:  # this conftest was loaded after pytest-benchmark configured itself
+        session.disabled = True
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without a CUDA device the GPU-only parameters are deselected (reported as "deselected", not as skips):
+    the CUDA cases, marked `cuda` in their parameter lists, and the CUDA-only providers, marked here.
+    tests/conftest.py deselects its `cuda` tests the same way; whichever runs second finds none left."""
+    if torch.cuda.is_available():
+        return
+    from bench._providers import CUDA_ONLY  # noqa: PLC0415 - loss providers with CUDA-only kernels (Liger, CCE)
+
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    for item in items:
+        provider = getattr(getattr(item, "callspec", None), "params", {}).get("provider")
+        if isinstance(provider, str) and provider in CUDA_ONLY and str(item.path).startswith(here):
+            item.add_marker(pytest.mark.cuda)
+    gpu_only = [item for item in items if item.get_closest_marker("cuda")]
+    if gpu_only:
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+        config.hook.pytest_deselected(items=gpu_only)
 
 
 @pytest.fixture

@@ -75,8 +75,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("provider", ["ours", "hf-dynamic", "hf-static-compile"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("provider", ["ours", "hf-dynamic", pytest.param("hf-static-compile", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.cuda) if c.cuda else c for c in CASES],
+                         ids=lambda c: c.name)
 def test_bench_generate(benchmark, bench_rows, case: GenCase, provider: str):
     on_cuda = torch.cuda.is_available()
     if case.cuda != on_cuda:

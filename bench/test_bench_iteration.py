@@ -22,7 +22,7 @@ ITERATIONS = 2
 
 
 @pytest.mark.parametrize("provider", ["ours", "trl-rloo"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(n, marks=pytest.mark.cuda) if c.cuda else n for n, c in CASES.items()])
 def test_bench_iteration(bench_rows, case: str, provider: str):
     spec = CASES[case]
     if spec.cuda and not torch.cuda.is_available():

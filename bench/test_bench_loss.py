@@ -36,7 +36,8 @@ from bench._providers import (
 
 
 def _case_params():
-    return [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.full_only else []) for c in CASES]
+    return [pytest.param(c, id=c.name, marks=([pytest.mark.slow] if c.full_only else [])
+                         + ([pytest.mark.cuda] if c.device == "cuda" else [])) for c in CASES]
 
 
 def _benchmark_times(benchmark) -> list[float]:

@@ -1,4 +1,5 @@
-"""Test setup: without CUDA, Triton kernels run in the interpreter on CPU tensors."""
+"""Test setup: without CUDA, Triton kernels run in the interpreter on CPU tensors, and tests marked
+`cuda` are deselected at collection (reported as "deselected", never as skips). Seeds: see `seed`."""
 import os
 import sys
 
@@ -13,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 
-from _inputs import new_seed  # noqa: E402
+from _inputs import new_seed, seed_mode  # noqa: E402
 
 BACKENDS = ["torch", "triton"]
 
@@ -43,7 +44,34 @@ def device():
 
 @pytest.fixture
 def seed(request):
-    """A fresh seed per test (os.urandom), or REBEL_TEST_SEED to replay one; shown in failure messages."""
-    value = new_seed()
+    """This test's seed: fixed per test (crc32 of its node id, the same on every run), REBEL_TEST_SEED=<int>
+    to replay one, REBEL_TEST_FUZZ=1 for fresh random ones. Shown in failure messages and reports."""
+    value = new_seed(request.node.nodeid)
     request.node.user_properties.append(("seed", value))
     return value
+
+
+def pytest_report_header(config):
+    return f"rebel test seeds: {seed_mode()}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that drew a seed names it in its report, with the command that replays it."""
+    report = yield
+    seed = dict(item.user_properties).get("seed")
+    if report.failed and seed is not None:
+        replay = f"REBEL_TEST_SEED={seed} pytest '{item.nodeid}'"
+        report.sections.append(("rebel test seed", f"seed={seed}; replay: {replay}"))
+    return report
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without a CUDA device, tests marked `cuda` are deselected (not generated as skips). bench/conftest.py
+    does the same; whichever runs second finds none left."""
+    if torch.cuda.is_available():
+        return
+    gpu_only = [item for item in items if item.get_closest_marker("cuda")]
+    if gpu_only:
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+        config.hook.pytest_deselected(items=gpu_only)

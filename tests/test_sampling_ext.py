@@ -14,8 +14,8 @@ from rebel_kernels.topk_topp import reference_kept_mask, reference_sample_logits
 _C = pytest.importorskip("rebel_kernels._C", reason="native extension not built (pip install --no-build-isolation -e .)")
 op = torch.ops.rebel_kernels.sample_logits
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not (_C.cuda_built and torch.cuda.is_available()), reason="needs the CUDA build of the extension and a GPU"))]
+NO_CUDA_BUILD = pytest.mark.skipif(not _C.cuda_built, reason="the extension was built without CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA_BUILD])]  # deselected without a GPU
 # The CPU kernel sums in float64 like the reference: its tokens must match exactly. The CUDA kernel's
 # exponentials are float32, so a uniform within ~1e-7 of a boundary may pick the neighbour.
 MAX_MISMATCH = {"cpu": 0.0, "cuda": 0.002}
@@ -271,7 +271,8 @@ def test_bad_logit_values_raise_on_cpu(fill):
         op(torch.randn(2, 10), torch.tensor([1.0, 0.5]), 1.0, 0, 1.0)
 
 
-@pytest.mark.skipif(not (_C.cuda_built and torch.cuda.is_available()), reason="needs the CUDA build and a GPU")
+@pytest.mark.cuda
+@NO_CUDA_BUILD
 def test_cuda_bad_rows_and_devices():
     x = torch.randn(3, 10, device="cuda")
     x[1, 4] = float("nan")

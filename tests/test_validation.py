@@ -221,19 +221,53 @@ def test_ignore_index_positions_with_other_ignore_index_are_allowed(backend, dev
     assert torch.isfinite(fused_token_logprobs(b.hidden, b.weight, b.labels, ignore_index=-1)).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a CUDA device")
+# hidden on one device, one other argument on another. The `meta` device needs no GPU: validation raises
+# before any kernel (or any read of the data), so a meta tensor is never touched.
+DEVICE_PAIRS = [("cpu", "meta"), ("meta", "cpu"), pytest.param(("cuda", "cpu"), marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("devices", DEVICE_PAIRS, ids=lambda d: f"hidden_{d[0]}-other_{d[1]}")
 @pytest.mark.parametrize("name", ["weight", "labels", "bias", "old_logprobs", "rewards"])
-def test_loss_rejects_mismatched_devices(name, backend):
-    args = valid_args(device="cuda")
-    args[name] = args[name].detach().cpu()
-    with pytest.raises((ValueError, TypeError), match=name):
+def test_loss_rejects_mismatched_devices(name, devices, backend):
+    hidden_device, other = devices
+    args = {k: v.detach().to(other if k == name else hidden_device) for k, v in valid_args().items()}
+    with pytest.raises(ValueError, match=rf"{name} is on {other}.* but hidden is on {hidden_device}"):
         call_loss(args)
     if name in ("weight", "labels", "bias"):
-        with pytest.raises((ValueError, TypeError), match=name):
+        with pytest.raises(ValueError, match=rf"{name} is on {other}.* but hidden is on {hidden_device}"):
             call_logprobs(args)
 
 
-@pytest.mark.skip(reason="sharded DTensor weights are covered by the FSDP tests")
-def test_sharded_dtensor_weight():
-    pass
+@pytest.fixture
+def device_mesh():
+    """A 1-D CPU device mesh over a one-process gloo group (an in-memory store: no port, no spawn)."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch built without distributed (gloo)")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_sharded_dtensor_weight_raises(name, device_mesh):
+    """A sharded DTensor weight (or bias) would give logits of one shard: both ops refuse it, naming the
+    argument; a replicated one is used as its local tensor."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    args = valid_args()
+    full = args[name].detach()
+    args[name] = distribute_tensor(full, device_mesh, [Shard(0)])
+    with pytest.raises(ValueError, match=rf"{name} is a DTensor sharded as .*Shard\(dim=0\).*{name}\.full_tensor\(\)"):
+        call_loss(args)
+    with pytest.raises(ValueError, match=rf"{name} is a DTensor sharded as"):
+        call_logprobs(args)
+    expected = call_logprobs(dict(args, **{name: full}))
+    args[name] = distribute_tensor(full, device_mesh, [Replicate()])
+    torch.testing.assert_close(call_logprobs(args), expected)
 
