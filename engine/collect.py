@@ -61,9 +61,11 @@ def collect(run: Run, chosen: list[int]) -> tuple[rollout.Batch, dict]:
     with run.timer("logprobs"):
         old, ref = _old_and_ref_logprobs(run, responses)
     kl = rollout.sequence_kl(old, ref)
+    scored = None if scores is None else rollout.shape_rewards(scores, kl, cfg.reward.kl_coef)  # [kB]
     batch = rollout.Batch.of(responses, old_logprobs=old, ref_logprobs=ref, kl=kl, scores=scores,
-                             anchor_preferences=prefs, rewards=_shaped(cfg.reward.kl_coef, kl, scores, prefs))
-    return batch, rollout_stats(batch, gen_s, d)
+                             anchor_preferences=prefs,
+                             rewards=scored if prefs is None else _preference_rewards(prefs, kl, cfg.reward.kl_coef))
+    return batch, rollout_stats(batch, gen_s, d, scored)
 
 
 def _old_and_ref_logprobs(run: Run, responses: rollout.Responses) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,14 +74,10 @@ def _old_and_ref_logprobs(run: Run, responses: rollout.Responses) -> tuple[torch
             rollout.sequence_logprobs(run.reference_lp, responses, **kw))
 
 
-def _shaped(kl_coef: float, kl: torch.Tensor, scores, prefs) -> torch.Tensor | None:
-    """r = score - kl_coef * KL; for REBEL from preferences r = (2 P(y_s > y'') - 1) - kl_coef * KL on
-    the two trained samples [2B] (the anchor only enters through the targets)."""
-    if scores is not None:
-        return rollout.shape_rewards(scores, kl, kl_coef)
-    if prefs is not None:
-        return rollout.shape_rewards(2 * prefs.float() - 1, kl[: prefs.shape[0]], kl_coef)
-    return None
+def _preference_rewards(prefs: torch.Tensor, kl: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """REBEL from preferences: r = (2 P(y_s > y'') - 1) - kl_coef * KL on the two trained samples [2B]
+    (the anchor only enters through the targets)."""
+    return rollout.shape_rewards(2 * prefs.float() - 1, kl[: prefs.shape[0]], kl_coef)
 
 
 def _anchor_preferences(prefer, batch: rollout.Responses, device) -> torch.Tensor:
@@ -92,8 +90,9 @@ def _anchor_preferences(prefer, batch: rollout.Responses, device) -> torch.Tenso
     return torch.where(torch.isfinite(prefs), ruled, prefs)  # a broken model's NaN still skips the update
 
 
-def rollout_stats(batch: rollout.Batch, gen_s: float, d: parallel.Dist) -> dict:
-    """The iteration's rollout metrics, over all ranks."""
+def rollout_stats(batch: rollout.Batch, gen_s: float, d: parallel.Dist, scored: torch.Tensor | None) -> dict:
+    """The iteration's rollout metrics, over all ranks. `scored`: the KL-shaped score [kB] when a reward
+    is configured (the training target of reward-based algorithms, a monitor for the others)."""
     valid = batch.labels != rollout.IGNORE
     gap = (batch.sampler_logprobs - batch.old_logprobs).abs()[valid & batch.sampled[:, None]]
     stats = {
@@ -105,8 +104,8 @@ def rollout_stats(batch: rollout.Batch, gen_s: float, d: parallel.Dist) -> dict:
         "logprob_gap/mean_abs": parallel.global_mean_std(gap, d)[0],
     }
     stats["truncation_rate"] = 1 - stats["eos_rate"]
-    if batch.scores is not None:
-        stats["reward/mean"], stats["reward/std"] = parallel.global_mean_std(batch.rewards, d)
+    if scored is not None:
+        stats["reward/mean"], stats["reward/std"] = parallel.global_mean_std(scored, d)
         stats["score/mean"] = parallel.global_mean_std(batch.scores, d)[0]
     if batch.anchor_preferences is not None:
         stats["preference/mean"] = parallel.global_mean_std(batch.anchor_preferences, d)[0]

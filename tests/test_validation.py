@@ -1,4 +1,4 @@
-"""Bad input raises ValueError / TypeError naming the argument, before any kernel runs (DESIGN.md section 4)."""
+"""Bad input raises ValueError / TypeError naming the argument, before any kernel runs (docs/design.md section 4)."""
 import pytest
 import torch
 
