@@ -42,7 +42,7 @@ def slug(text: str) -> str:
 
 
 def _version(dist: str) -> str | None:
-    from importlib import metadata  # noqa: PLC0415
+    from importlib import metadata
 
     try:
         return metadata.version(dist)
@@ -53,7 +53,7 @@ def _version(dist: str) -> str | None:
 def _triton_version() -> str | None:
     """triton.__version__ (its distribution is "pytorch-triton" in some torch builds)."""
     try:
-        import triton  # noqa: PLC0415
+        import triton
     except ImportError:
         return None
     return getattr(triton, "__version__", None)
@@ -68,7 +68,7 @@ def environment() -> dict:
     """Device (the GPU's name, else the CPU model), CPU, GPU, CUDA and driver, Python, torch,
     triton, transformers and peer versions, the variables in RECORDED_VARS, git commit (and
     whether the tree was dirty) and the UTC date."""
-    import torch  # noqa: PLC0415
+    import torch
 
     env = dict(cpu=cpu_model(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,

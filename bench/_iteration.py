@@ -72,7 +72,7 @@ CASES = {c.name: c for c in (
 
 
 def train_config(case: IterCase, iterations: int, run_dir: str):
-    from engine import config as config_mod  # noqa: PLC0415
+    from engine import config as config_mod
 
     pairs = [*_QUIET, *case.overrides, ("optim.iterations", str(iterations)), ("run_dir", run_dir)]
     return config_mod.apply_overrides(config_mod.PRESETS[case.preset](), pairs)
@@ -86,7 +86,7 @@ def _sync():
 def _peak_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    import resource  # noqa: PLC0415
+    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -95,7 +95,8 @@ def _describe(cfg, case: IterCase, provider: str) -> dict:
     return dict(suite="iteration", case=case.name, provider=provider, model=cfg.model.policy.removeprefix("builtin:"),
                 prompts=cfg.train.prompts_per_iteration, samples_per_prompt=cfg.generation.samples_per_prompt,
                 new_tokens=cfg.generation.max_new_tokens, epochs=cfg.train.num_epochs,
-                minibatches=cfg.train.minibatches, micro_batch_rows=cfg.generation.samples_per_prompt * cfg.train.micro_batch_prompts,
+                minibatches=cfg.train.minibatches,
+                micro_batch_rows=cfg.generation.samples_per_prompt * cfg.train.micro_batch_prompts,
                 dtype=cfg.model.dtype, threads=torch.get_num_threads(),
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 
@@ -127,9 +128,9 @@ def run_ours(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
     """The engine's loop on the case's config (engine.build.build -> engine.loop.run); phases from the
     run's metrics.jsonl (PhaseTimer). The built run's checkpointer is swapped for one that writes nothing
     (Pythia-1.4B: about 22 GB of disk and time a checkpoint); precision is read off the built models."""
-    from engine import loop  # noqa: PLC0415
-    from engine.build import build  # noqa: PLC0415
-    from engine.metrics import read_metrics  # noqa: PLC0415
+    from engine import loop
+    from engine.build import build
+    from engine.metrics import read_metrics
 
     class NoCheckpoint:
         def save(self, *a, **kw):
@@ -157,7 +158,7 @@ def run_ours(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
 
 def _trl_reward(cfg, eos_id: int):
     """The task's reward with the engine's missing-EOS penalty, in TRL's reward-function signature."""
-    from engine.rewards import build_reward  # noqa: PLC0415
+    from engine.rewards import build_reward
 
     default = cfg.data.prompts if cfg.data.prompts.startswith("builtin:") else None
     score = build_reward(cfg.reward, default=default, device=torch.device("cpu"))
@@ -222,7 +223,7 @@ def trl_config(cfg, iterations: int, output_dir: str):
     completions: one generation batch = all prompts x k; per_device_train_batch_size = the engine's
     micro-batch (rows); gradient accumulation over a minibatch; num_iterations = epochs (each reuses
     the generation batch); max_steps counts optimizer steps."""
-    from trl import RLOOConfig  # noqa: PLC0415
+    from trl import RLOOConfig
 
     k, rows = cfg.generation.samples_per_prompt, cfg.train.prompts_per_iteration * cfg.generation.samples_per_prompt
     micro = min(k * cfg.train.micro_batch_prompts, rows // cfg.train.minibatches)
@@ -244,13 +245,13 @@ def trl_config(cfg, iterations: int, output_dir: str):
 
 def run_trl(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
     """trl.RLOOTrainer on the same model, tokenizer, prompts, reward, batch and epochs."""
-    import datasets  # noqa: PLC0415
-    import trl  # noqa: PLC0415
-    from transformers import TrainerCallback  # noqa: PLC0415
-    from trl.trainer import rloo_trainer  # noqa: PLC0415
+    import datasets
+    import trl
+    from transformers import TrainerCallback
+    from trl.trainer import rloo_trainer
 
-    from engine import data  # noqa: PLC0415
-    from engine.tasks import BUILTIN_MODELS  # noqa: PLC0415
+    from engine import data
+    from engine.tasks import BUILTIN_MODELS
 
     cfg = train_config(case, iterations, run_dir)
     make_tokenizer, make_model = BUILTIN_MODELS[cfg.model.policy.removeprefix("builtin:")]
@@ -265,7 +266,9 @@ def run_trl(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
             clock.step_end()
 
     # TRL reloads the reference from the policy's hub path; random weights have none: a copy instead.
-    reference = lambda *a, **kw: copy.deepcopy(policy).to(kw.get("dtype") or policy.dtype)  # noqa: E731
+    def reference(*a, **kw):
+        return copy.deepcopy(policy).to(kw.get("dtype") or policy.dtype)
+
     with _patched(rloo_trainer, create_model_from_path=reference):
         trainer = trl.RLOOTrainer(model=policy, reward_funcs=_trl_reward(cfg, tokenizer.eos_token_id),
                                   args=trl_config(cfg, iterations, os.path.join(run_dir, "trl")),

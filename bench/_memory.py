@@ -90,7 +90,7 @@ def measure_rss_growth(fn) -> dict:
 
 def measure_cpu_op_memory(case_name: str, provider: str, mode: str, *, timeout: float = 1800) -> dict:
     """RSS growth of one call of (case, provider, mode), measured in a fresh Python process."""
-    from bench._environment import REPO_ROOT  # noqa: PLC0415
+    from bench._environment import REPO_ROOT
 
     code = ("import sys; sys.path.insert(0, sys.argv[1]); "
             "from bench._memory import _child_main; _child_main(sys.argv[2:])")
@@ -105,8 +105,8 @@ def measure_cpu_op_memory(case_name: str, provider: str, mode: str, *, timeout: 
 
 
 def _child_main(argv) -> None:
-    from bench._cases import CASES_BY_NAME, input_bytes, make_inputs  # noqa: PLC0415
-    from bench._providers import make_step  # noqa: PLC0415
+    from bench._cases import CASES_BY_NAME, input_bytes, make_inputs
+    from bench._providers import make_step
 
     case_name, provider, mode = argv
     case = CASES_BY_NAME[case_name]

@@ -114,9 +114,9 @@ def torch_lce_token_logprobs(hidden, weight, labels, *, temperature: float = 1.0
 
 def liger_token_logprobs(hidden, weight, labels, *, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX):
     """-Liger-Kernel fused linear cross entropy, reduction="none", float32 accumulation."""
-    import inspect  # noqa: PLC0415
+    import inspect
 
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: PLC0415
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     kw = dict(ignore_index=ignore_index, reduction="none")
     if "accum_dtype" in inspect.signature(liger_fused_linear_cross_entropy).parameters:
@@ -128,7 +128,7 @@ def liger_token_logprobs(hidden, weight, labels, *, temperature: float = 1.0, ig
 
 
 def _liger_scaled_function():
-    from liger_kernel.ops.fused_linear_scaled_cross_entropy import (  # noqa: PLC0415
+    from liger_kernel.ops.fused_linear_scaled_cross_entropy import (
         LigerFusedLinearScaledCrossEntropyFunction,
     )
 
@@ -138,10 +138,10 @@ def _liger_scaled_function():
 def liger_scaled_impl(device: str) -> str | None:
     """Which implementation Liger's fused scaled cross entropy dispatches to on `device`."""
     try:
-        from liger_kernel.ops.fused_linear_scaled_cross_entropy import _resolve_implementation  # noqa: PLC0415
+        from liger_kernel.ops.fused_linear_scaled_cross_entropy import _resolve_implementation
 
         return _resolve_implementation(torch.empty(0, device=device).device).__name__
-    except Exception as exc:  # noqa: BLE001 - private helper, informational only
+    except Exception as exc:
         return f"unknown ({type(exc).__name__})"
 
 
@@ -155,7 +155,7 @@ def liger_scaled_token_logprobs(hidden, weight, labels, *, temperature: float = 
 
 def _cce_token_logprobs(impl: str):
     def fn(hidden, weight, labels, *, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX):
-        from cut_cross_entropy import linear_cross_entropy  # noqa: PLC0415
+        from cut_cross_entropy import linear_cross_entropy
 
         h = _scaled(hidden, temperature).reshape(-1, hidden.shape[-1])
         ce = linear_cross_entropy(h, weight, labels.reshape(-1), ignore_index=ignore_index, reduction="none",
@@ -218,7 +218,7 @@ def provider_skip_reason(provider: str, device: str) -> str | None:
         if provider == "liger-scaled":
             _liger_scaled_function()
         if provider == "cce_exact":
-            from cut_cross_entropy import LinearCrossEntropyImpl  # noqa: PLC0415
+            from cut_cross_entropy import LinearCrossEntropyImpl
 
             if not hasattr(LinearCrossEntropyImpl, "CCE_EXACT"):
                 return (f"cce_exact: cut-cross-entropy {peer_versions()['cut-cross-entropy']} has no cce_exact "
@@ -293,7 +293,7 @@ def check_provider(provider: str, device: str, dtype: str = "float32", *, seed: 
     """Per-token log-probabilities (no grad), the REBEL loss and its gradients wrt hidden and weight
     of `provider` against rebel_kernels.reference, on a small batch in `dtype` with T = 0.7 and
     half the positions ignored.  Relative (norm) errors; ok when all are within CHECK_TOL."""
-    from rebel_kernels.reference import reference_rebel_loss, reference_token_logprobs  # noqa: PLC0415
+    from rebel_kernels.reference import reference_rebel_loss, reference_token_logprobs
 
     case = Case("check", device, dtype, 4, 24, 64, 1000, 0.5)
     x = make_inputs(case, requires_grad=True, seed=seed)

@@ -100,10 +100,10 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: str) -> None:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()

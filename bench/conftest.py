@@ -59,7 +59,7 @@ def pytest_collection_modifyitems(config, items):
     tests/conftest.py deselects its `cuda` tests the same way; whichever runs second finds none left."""
     if torch.cuda.is_available():
         return
-    from bench._providers import CUDA_ONLY  # noqa: PLC0415 - loss providers with CUDA-only kernels (Liger, CCE)
+    from bench._providers import CUDA_ONLY
 
     here = os.path.dirname(os.path.abspath(__file__)) + os.sep
     for item in items:

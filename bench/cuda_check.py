@@ -63,7 +63,8 @@ def correctness():
                        loss_err=rel(loss, ref), plain_loss_err=rel(ploss, ref),
                        grad_err=[rel(a, c) for a, c in zip(grads, rgrads)],
                        plain_grad_err=[rel(a, c) for a, c in zip(pgrads, rgrads)],
-                       fwd_bitwise_repeat=bool(torch.equal(lp, lp2)), finite=all(torch.isfinite(gg).all().item() for gg in grads))
+                       fwd_bitwise_repeat=bool(torch.equal(lp, lp2)),
+                       finite=all(torch.isfinite(gg).all().item() for gg in grads))
             out.append(row)
             print(json.dumps(row))
     return out
@@ -133,13 +134,14 @@ def sweep():
     idx = torch.arange(n, device="cuda")
     pos = idx.clone()
     h2 = hid.detach().reshape(-1, h)
-    for (bm, bn, bk, nw, ns), tma in [((128, 128, 64, 8, 3), "0"), ((128, 128, 64, 8, 4), "0"), ((128, 256, 64, 8, 3), "0"),
-                                      ((64, 256, 64, 8, 3), "0"), ((256, 128, 64, 8, 3), "0"), ((128, 64, 64, 4, 4), "0"),
+    for (bm, bn, bk, nw, ns), tma in [((128, 128, 64, 8, 3), "0"), ((128, 128, 64, 8, 4), "0"),
+                                      ((128, 256, 64, 8, 3), "0"), ((64, 256, 64, 8, 3), "0"),
+                                      ((256, 128, 64, 8, 3), "0"), ((128, 64, 64, 4, 4), "0"),
                                       ((128, 128, 64, 8, 4), "1"), ((128, 256, 64, 8, 3), "1")]:
         os.environ["REBEL_KERNELS_TMA"] = tma
         cfg = tk.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, split_v=8192)
         try:
-            ms = bench_ms(lambda: tk.token_logprobs_fwd(h2, w.detach(), None, y2, idx, pos, 1.0, False, cfg))
+            ms = bench_ms(lambda cfg=cfg: tk.token_logprobs_fwd(h2, w.detach(), None, y2, idx, pos, 1.0, False, cfg))
             out.append(dict(kind="fwd", tma=tma, cfg=dataclasses.asdict(cfg), ms=ms, tflops=2 * n * h * v / ms / 1e9))
         except Exception as e:  # out of shared memory etc.
             out.append(dict(kind="fwd", cfg=dataclasses.asdict(cfg), error=str(e)[:200]))
@@ -151,7 +153,8 @@ def sweep():
                                    (64, 128, 64, 4, 3, 8), (128, 128, 64, 8, 3, 32)]:
         cfg = tk.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, group_m=gm)
         try:
-            ms = bench_ms(lambda: tk.token_logprobs_bwd(g, h2, w.detach(), None, y2, idx, lse, 1.0, True, True, False, cfg))
+            ms = bench_ms(lambda cfg=cfg: tk.token_logprobs_bwd(g, h2, w.detach(), None, y2, idx, lse, 1.0,
+                                                                True, True, False, cfg))
             out.append(dict(kind="bwd", cfg=dataclasses.asdict(cfg), ms=ms, tflops=6 * n * h * v / ms / 1e9))
         except Exception as e:
             out.append(dict(kind="bwd", cfg=dataclasses.asdict(cfg), error=str(e)[:200]))

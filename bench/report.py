@@ -146,7 +146,10 @@ def _head(path: str, env: dict) -> str:
 def plain_table(rows: list[dict]) -> str:
     """Any other suite (e.g. bench/compare.py's): one column per key, numbers to 3 decimals."""
     keys = list(rows[0]) if rows else []
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+
+    def cell(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -243,10 +246,10 @@ def _bars(axes, rows: list[dict]) -> None:
 def plots(paths: list[str], out_dir: str) -> list[str]:
     """One PNG per (device, dtype, H, V, response fraction, mode): p50 time and op peak memory
     per provider, as a line over N where the results hold several N, as bars where they hold one."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
     written = []

@@ -50,10 +50,10 @@ def _benchmark_times(benchmark) -> list[float]:
 def _fused_backend(hidden) -> str | None:
     """'triton' or 'torch': what rebel_kernels picks for this input (None if that is not knowable)."""
     try:
-        from rebel_kernels._backend import resolve  # noqa: PLC0415
+        from rebel_kernels._backend import resolve
 
         return resolve(hidden)
-    except Exception:  # noqa: BLE001 - private helper, informational only
+    except Exception:
         return None
 
 
@@ -72,7 +72,7 @@ def _checked(provider: str, device: str, dtype: str) -> dict:
     if key not in _CHECKS:
         try:
             _CHECKS[key] = check_provider(provider, device, dtype)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if provider in OURS:
                 raise
             _CHECKS[key] = dict(ok=False, fwd_ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
@@ -127,7 +127,7 @@ def test_loss(benchmark, bench_rows, request, case: Case, provider: str, mode: s
         if case.device != "cuda" or "out of memory" not in str(exc).lower():
             raise
         failure = ("oom", f"{provider} {mode} {case.name}: CUDA out of memory ({str(exc).splitlines()[0]})")
-    except Exception as exc:  # noqa: BLE001 - a peer (or inductor on this CPU) failing at this shape
+    except Exception as exc:
         if provider in OURS:
             raise
         failure = ("error", f"{provider} {mode} {case.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
@@ -163,7 +163,7 @@ def _tiny_inputs(response_fraction: float, requires_grad: bool):
 
 @pytest.mark.parametrize("response_fraction", [1.0, 0.25])
 def test_naive_matches_reference(response_fraction):
-    from rebel_kernels.reference import reference_rebel_loss, reference_token_logprobs  # noqa: PLC0415
+    from rebel_kernels.reference import reference_rebel_loss, reference_token_logprobs
 
     x = _tiny_inputs(response_fraction, requires_grad=True)
     args = (x["hidden"], x["weight"], x["labels"])

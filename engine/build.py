@@ -9,7 +9,7 @@ import copy
 import dataclasses
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -107,7 +107,7 @@ def load_models(cfg: config_mod.TrainConfig, device):
         tokenizer = make_tokenizer()
         policy = make_model(tokenizer, seed=cfg.seed)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
         policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32)
@@ -116,7 +116,7 @@ def load_models(cfg: config_mod.TrainConfig, device):
     if cfg.model.lora_rank:
         policy, reference = lora.add_lora(policy, cfg.model), None
     elif cfg.model.reference:
-        from transformers import AutoModelForCausalLM  # noqa: PLC0415
+        from transformers import AutoModelForCausalLM
 
         reference = AutoModelForCausalLM.from_pretrained(cfg.model.reference, dtype=torch.float32)
     else:

@@ -36,8 +36,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
 _STEP = re.compile(r"step_(\d{8})")
@@ -210,7 +215,8 @@ class Checkpointer:
             return own
         # Resumed with more ranks than the run that wrote it: model and optimizer reshard, but the new
         # ranks' RNG streams can only be copied from rank 0's (reseed them if they must differ).
-        warnings.warn(f"{own} does not exist (world size changed?); rank {_rank()} restores rank 0's extra")
+        warnings.warn(f"{own} does not exist (world size changed?); rank {_rank()} restores rank 0's extra",
+                      stacklevel=2)
         return os.path.join(path, "extra_rank0.pt")
 
     def _remove_tmp_dirs(self) -> None:

@@ -13,7 +13,7 @@ import json
 import math
 import types
 import typing
-from typing import Callable
+from collections.abc import Callable
 
 from engine.algorithms import DPO, RLOO, Algorithm, IterativeDPO, Rebel, RebelPreference, Reinforce
 from engine.generate import SamplingConfig
@@ -21,7 +21,7 @@ from engine.generate import SamplingConfig
 
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
-    policy: str = "builtin:tiny-llama"  # a Hugging Face path / hub id, or builtin:NAME (random weights, engine/tasks.py)
+    policy: str = "builtin:tiny-llama"  # a Hugging Face path / hub id, or builtin:NAME (random, engine/tasks.py)
     reference: str | None = None  # None: the policy's initial weights
     dtype: str = "float32"  # parameter dtype of the policy: float32 | bfloat16
     train_top_layers: int = 0  # > 0: train only the top k decoder layers, the final norm and the LM head
@@ -141,7 +141,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"generation.samples_per_prompt must be {k} for {type(cfg.algorithm).__name__}, "
                          f"got {cfg.generation.samples_per_prompt}")
     if cfg.data.partner_column is not None and not isinstance(cfg.algorithm, Rebel):
-        raise ValueError(f"data.partner_column (hybrid mode) needs the REBEL algorithm, got {type(cfg.algorithm).__name__}")
+        raise ValueError(f"data.partner_column (hybrid mode) needs the REBEL algorithm, "
+                         f"got {type(cfg.algorithm).__name__}")
     if cfg.reward.model and cfg.reward.function:
         raise ValueError("set at most one of reward.model and reward.function")
     if cfg.reward.preference_model and cfg.reward.preference_function:
@@ -167,7 +168,8 @@ def _validate_feedback(cfg: TrainConfig) -> None:
     if algo.needs_preferences and not preference and not builtin:
         raise ValueError(f"{name} needs a preference model: set reward.preference_model or reward.preference_function")
     if preference and not algo.needs_preferences:
-        raise ValueError(f"reward.preference_model / reward.preference_function are read by RebelPreference, not {name}")
+        raise ValueError(f"reward.preference_model / reward.preference_function are read by RebelPreference, "
+                         f"not {name}")
 
 
 def _validate_lora(model: ModelConfig) -> None:
@@ -299,7 +301,7 @@ ALGORITHMS = {cls.__name__: cls for cls in (Rebel, Reinforce, RLOO, IterativeDPO
 def _parse(key: str, text: str, annotation):
     """Convert a CLI string to the field's type (str, int, float, bool, or Optional of those)."""
     if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing) | {"SamplingConfig": SamplingConfig})  # noqa: S307
+        annotation = eval(annotation, vars(typing) | {"SamplingConfig": SamplingConfig})
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         if text.lower() == "none" and type(None) in args:

@@ -26,7 +26,7 @@ def load_rows(cfg: DataConfig) -> list[dict]:
     if source.endswith(".jsonl"):
         with open(source) as f:
             return [json.loads(line) for line in f if line.strip()]
-    import datasets  # noqa: PLC0415  (heavy import, only when needed)
+    import datasets
 
     if os.path.isdir(source):
         loaded = datasets.load_from_disk(source)

@@ -199,6 +199,7 @@ class Sampler:
 
         state = state.repeat(samples, 1)
         slot_rows = torch.arange(rows, device=device)  # the output row each decoding slot writes
+        tok = None  # the previous step's tokens, fed to the decode step from t = 1 on
         for t in range(steps):
             if t > 0:
                 state = self._decode(self.model, tok, next_pos, full_mask, cache, self._hidden_path(config, t))

@@ -20,7 +20,7 @@ def add_lora(lm: nn.Module, cfg) -> nn.Module:
     """Inject LoRA adapters (rank cfg.lora_rank, alpha cfg.lora_alpha, no dropout: REBEL regresses
     onto exact log-ratios) into the target linear layers and freeze everything else. Returns the
     Hugging Face model itself, now holding the adapters (and their config as `peft_config`)."""
-    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+    from peft import LoraConfig, get_peft_model
 
     spec = cfg.lora_target_modules.strip()
     targets = spec if spec == "all-linear" else _names(spec)
@@ -36,8 +36,8 @@ def _names(spec: str) -> list[str]:
 def _lora_layers(lm: nn.Module) -> list[nn.Module]:
     """LoRA layers, and the wrappers of fully trained copies (modules_to_save), whose disabled state
     is the original, frozen module."""
-    from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
-    from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: PLC0415
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
 
     return [m for m in lm.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
 
@@ -75,8 +75,8 @@ class AdapterDisabled(nn.Module):
 def adapter_saver(lm: nn.Module):
     """`save` for checkpoint.export_hf: writes the adapter only (adapter_config.json and
     adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained(base_model, path))."""
-    from peft.utils import get_peft_model_state_dict  # noqa: PLC0415
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     def save(directory: str, state_dict: dict) -> None:
         weights = get_peft_model_state_dict(lm, state_dict=state_dict)  # adapter tensors, adapter name removed

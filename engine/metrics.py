@@ -28,7 +28,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Iterator, TextIO
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 import torch
 

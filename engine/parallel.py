@@ -77,7 +77,7 @@ def train_only_top_layers(lm: nn.Module, k: int) -> None:
 
 def apply_activation_checkpointing(lm: nn.Module) -> None:
     """Recompute each decoder layer's activations in the backward instead of storing them."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper  # noqa: PLC0415
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     layers = decoder_layers(lm)
     for i, layer in enumerate(layers):
@@ -90,7 +90,7 @@ def shard(wrapper: nn.Module, lm: nn.Module, d: Dist, *, mp_policy=None) -> None
     loss. `mp_policy`: FSDP2's MixedPrecisionPolicy (see engine/precision.py), None for full precision."""
     if not d.sharded:
         return
-    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+    from torch.distributed.fsdp import fully_shard
 
     kw = {"mp_policy": mp_policy} if mp_policy is not None else {}
     for layer in decoder_layers(lm):

@@ -34,7 +34,7 @@ class Precision:
         """FSDP2's MixedPrecisionPolicy, or None (full precision)."""
         if self.fsdp_param_dtype is None:
             return None
-        from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: PLC0415
+        from torch.distributed.fsdp import MixedPrecisionPolicy
 
         return MixedPrecisionPolicy(param_dtype=self.fsdp_param_dtype, reduce_dtype=torch.float32)
 

@@ -5,7 +5,8 @@ For REBEL from preferences: a pairwise preference model or a function, (prompts,
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -37,7 +38,7 @@ class _SequenceClassifier:
     """A Hugging Face sequence-classification model with its own tokenizer; `_first_logit(texts)` [n]."""
 
     def __init__(self, path: str, *, device, batch_size: int, dtype=None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: PLC0415
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
@@ -94,7 +95,8 @@ class PreferenceModel(_SequenceClassifier):
         return (torch.sigmoid(forward) + 1 - torch.sigmoid(backward)) / 2
 
 
-def build_reward(cfg: RewardConfig, *, default: str | None, device, dtype=None, required: bool = True) -> RewardFn | None:
+def build_reward(cfg: RewardConfig, *, default: str | None, device, dtype=None,
+                 required: bool = True) -> RewardFn | None:
     """The reward model or function; the built-in task's reward by default. None when nothing is
     configured and the algorithm can do without (offline DPO, REBEL from preferences)."""
     if cfg.model:

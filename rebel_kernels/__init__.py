@@ -13,8 +13,8 @@ public for callers that validate the same arguments (engine/algorithms).
 """
 from . import reference
 from ._validate import positive_finite
-from .logprobs import FusedRebelLoss, fused_rebel_loss, fused_token_logprobs, rebel_loss_from_logprobs
 from .gumbel import sample_from_hidden
+from .logprobs import FusedRebelLoss, fused_rebel_loss, fused_token_logprobs, rebel_loss_from_logprobs
 from .topk_topp import sample_logits
 
 __all__ = ["FusedRebelLoss", "fused_rebel_loss", "fused_token_logprobs", "positive_finite",

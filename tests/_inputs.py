@@ -86,7 +86,7 @@ class Batch:
         out = [self.hidden, self.weight]
         return out if self.bias is None else out + [self.bias]
 
-    def to64(self) -> "Batch":
+    def to64(self) -> Batch:
         """Detached float64 copies (fresh leaves requiring grad) for the reference."""
 
         def leaf(t):

@@ -1,7 +1,15 @@
 """Tiny random Hugging Face causal LMs of each family the engine supports, built from configs."""
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                          LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 VOCAB = 97
 EOS_IDS = [3, 5]  # a multi-EOS model, like Llama-3-Instruct's <|eot_id|> and <|end_of_text|>

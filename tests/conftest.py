@@ -12,9 +12,8 @@ if not torch.cuda.is_available():
 # The shared helpers (tests/_inputs.py) import as `_inputs`, whatever pytest's import mode.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import pytest  # noqa: E402
-
-from _inputs import new_seed, seed_mode  # noqa: E402
+import pytest
+from _inputs import new_seed, seed_mode
 
 BACKENDS = ["torch", "triton"]
 

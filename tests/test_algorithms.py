@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from engine.algorithms import (
-    DPO, RLOO, AlgoBatch, IterativeDPO, Rebel, RebelPreference, Reinforce, anchor_preferences,
+    DPO,
+    RLOO,
+    AlgoBatch,
+    IterativeDPO,
+    Rebel,
+    RebelPreference,
+    Reinforce,
+    anchor_preferences,
 )
 from rebel_kernels import fused_token_logprobs
 

@@ -9,8 +9,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from _inputs import EPS, assert_rel, make_batch, make_labels, rel_err, torch_lowp_token_logprobs, value_and_grads
+
 from rebel_kernels import fused_rebel_loss, fused_token_logprobs
 from rebel_kernels._alloc import poisoned
 from rebel_kernels.reference import (

@@ -260,7 +260,8 @@ def test_ultrafeedback_schema_from_a_datasets_directory(tmp_path):
         for r in rows])}).save_to_disk(str(tmp_path / "uf"))
     cfg = C.PRESETS["ultrafeedback_dpo_llama3_8b"]()
     cfg = dataclasses.replace(
-        cfg, run_dir=str(tmp_path / "run"), model=dataclasses.replace(cfg.model, policy="builtin:tiny-llama", lora_rank=4),
+        cfg, run_dir=str(tmp_path / "run"),
+        model=dataclasses.replace(cfg.model, policy="builtin:tiny-llama", lora_rank=4),
         data=dataclasses.replace(cfg.data, prompts=str(tmp_path / "uf"), chat_template=False),
         generation=dataclasses.replace(cfg.generation, max_new_tokens=8),
         train=dataclasses.replace(cfg.train, prompts_per_iteration=8, micro_batch_prompts=4),

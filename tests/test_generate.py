@@ -1,8 +1,8 @@
 """engine/generate.py against Hugging Face generate, padding invariance, EOS handling."""
 import pytest
 import torch
-
 from _models import EOS_IDS, FAMILIES, PAD, left_pad, tiny_model
+
 from engine.generate import Sampler, SamplingConfig, eos_token_ids
 
 PROMPTS = [[1, 7, 8, 9, 10, 11, 12], [1, 20, 21], [1, 30, 31, 32, 33], [1, 40]]

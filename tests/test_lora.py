@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from engine import config as C
+from engine.build import load_models
 from engine.lora import AdapterDisabled, adapter_disabled, add_lora
 from engine.rollout import PolicyLogprobs
-from engine.build import load_models
 from engine.train import train
 from tests._models import FAMILIES, tiny_model
 from tests.test_train import REPO, _metrics, small_cfg

@@ -1,9 +1,9 @@
 """FusedRebelLoss (the nn.Module form) agrees with fused_rebel_loss, forward and backward."""
 import pytest
 import torch
+from _inputs import make_batch, value_and_grads
 from torch import nn
 
-from _inputs import make_batch, value_and_grads
 from rebel_kernels import FusedRebelLoss, fused_rebel_loss
 
 

@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from _inputs import make_batch
+
 from rebel_kernels.reference import (
     reference_rebel_loss,
     reference_rebel_loss_from_logprobs,
@@ -70,7 +70,10 @@ def _random_case(seed):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_token_logprobs_match_loop_formula(draw, dtype, seed):
     hidden, weight, bias, labels, temperature, ignore_index = _random_case(seed + draw)
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
     logp, ent = reference_token_logprobs(
         cast(hidden), cast(weight), labels, bias=cast(bias), temperature=temperature,
         ignore_index=ignore_index, return_entropy=True,

@@ -11,7 +11,8 @@ import torch
 import rebel_kernels  # noqa: F401  (defines the Python custom ops of the same namespace first)
 from rebel_kernels.topk_topp import reference_kept_mask, reference_sample_logits, sample_logits
 
-_C = pytest.importorskip("rebel_kernels._C", reason="native extension not built (pip install --no-build-isolation -e .)")
+_C = pytest.importorskip("rebel_kernels._C",
+                         reason="native extension not built (pip install --no-build-isolation -e .)")
 op = torch.ops.rebel_kernels.sample_logits
 
 NO_CUDA_BUILD = pytest.mark.skipif(not _C.cuda_built, reason="the extension was built without CUDA")
@@ -244,7 +245,8 @@ def test_bad_logits(logits, error, match):
 
 @pytest.mark.parametrize("args,match", [
     ((torch.randn(10), torch.rand(1), 1.0, 0, 1.0), r"logits must be 2-D \[R, V\], got shape \[10\]"),
-    ((torch.randn(3, 10, dtype=torch.float64), torch.rand(3), 1.0, 0, 1.0), "logits must be float32, float16 or bfloat16, got Double"),
+    ((torch.randn(3, 10, dtype=torch.float64), torch.rand(3), 1.0, 0, 1.0),
+     "logits must be float32, float16 or bfloat16, got Double"),
     ((torch.randn(3, 10), torch.rand(4), 1.0, 0, 1.0), r"uniform must have shape \[3\]"),
     ((torch.randn(3, 10), torch.rand(3, dtype=torch.float64), 1.0, 0, 1.0), "uniform must be float32"),
     ((torch.randn(3, 10), torch.rand(3), -1.0, 0, 1.0), "temperature must be finite and > 0, got -1"),

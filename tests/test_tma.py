@@ -5,8 +5,8 @@ interpreter) it checks the real TMA loads.
 """
 import pytest
 import torch
-
 from _inputs import assert_rel, make_batch, value_and_grads
+
 from rebel_kernels import fused_rebel_loss
 from rebel_kernels.logprobs import triton_kernels
 from rebel_kernels.reference import reference_rebel_loss
@@ -28,7 +28,8 @@ def test_tma_weight_loads_match_reference(dtype, seed, device, monkeypatch):
     assert triton_kernels._use_tma(b.weight, cfg), "the descriptor path must be taken for this shape"
     out, grads = value_and_grads(fused_rebel_loss(*b.loss_args(), bias=b.bias, temperature=0.9), b.leaves())
     b64 = b.to64()
-    ref, ref_grads = value_and_grads(reference_rebel_loss(*b64.loss_args(), bias=b64.bias, temperature=0.9), b64.leaves())
+    ref, ref_grads = value_and_grads(reference_rebel_loss(*b64.loss_args(), bias=b64.bias, temperature=0.9),
+                                     b64.leaves())
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert_rel(out, ref, tol, "loss", seed)
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):

@@ -1,8 +1,8 @@
 """Bad input raises ValueError / TypeError naming the argument, before any kernel runs (docs/design.md section 4)."""
 import pytest
 import torch
-
 from _inputs import make_batch
+
 from rebel_kernels import fused_rebel_loss, fused_token_logprobs
 from rebel_kernels.reference import reference_rebel_loss
 

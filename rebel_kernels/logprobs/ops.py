@@ -9,8 +9,6 @@ launchers (triton_kernels.py, which imports triton) are imported only when `back
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -45,7 +43,7 @@ def _out_dtype(hidden: Tensor):
 
 @torch.library.custom_op("rebel_kernels::token_logprobs", mutates_args=())
 def token_logprobs(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
     temperature: float, ignore_index: int, return_entropy: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     y, valid, idx, pos = _compact(labels, ignore_index)
@@ -78,7 +76,7 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, b
 
 @torch.library.custom_op("rebel_kernels::token_logprobs_backward", mutates_args=())
 def token_logprobs_backward(
-    grad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
+    grad: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor,
     temperature: float, ignore_index: int, need_dh: bool, need_dw: bool, need_db: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     y, _, idx, _ = _compact(labels, ignore_index)
@@ -89,7 +87,8 @@ def token_logprobs_backward(
         from . import triton_kernels
 
         dh_c, dw, db = triton_kernels.token_logprobs_bwd(
-            g, h2, weight.contiguous(), None if bias is None else bias.contiguous(), y, idx, lse_c, temperature, need_dh, need_dw, need_db
+            g, h2, weight.contiguous(), None if bias is None else bias.contiguous(), y, idx, lse_c, temperature,
+            need_dh, need_dw, need_db
         )
     else:
         dh_c, dw, db = torch_impl.token_logprobs_bwd(

@@ -134,7 +134,8 @@ def token_logprobs_fwd(h2, weight, bias, y, idx, pos, temperature: float, with_e
             n, vocab, hdim, h2.stride(0), weight.stride(0), 1.0 / temperature,
             HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, SPLIT_V=split_v,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            DOT_PRECISION=_dot_precision(h2.dtype), UPCAST=_upcast_dot(h2.dtype), USE_TMA=_use_tma(weight, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION=_dot_precision(h2.dtype), UPCAST=_upcast_dot(h2.dtype), USE_TMA=_use_tma(weight, cfg),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     shape = (nt,) if out_shape is None else out_shape
     logp = _alloc.empty(shape, dtype=torch.float32, device=dev)
@@ -235,7 +236,8 @@ def token_logprobs_bwd(g, h2, weight, bias, y, idx, lse, temperature: float,
             n, vocab, hdim, h2.stride(0), weight.stride(0), 1.0 / temperature,
             HAS_BIAS=bias is not None, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            DOT_PRECISION=_dot_precision(h2.dtype), UPCAST=_upcast_dot(h2.dtype), USE_TMA=_use_tma(weight, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION=_dot_precision(h2.dtype), UPCAST=_upcast_dot(h2.dtype), USE_TMA=_use_tma(weight, cfg),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return dh, dw, db
 
