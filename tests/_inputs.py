@@ -239,3 +239,36 @@ def torch_lowp_token_logprobs(batch: Batch, temperature: float) -> torch.Tensor:
     safe = torch.where(valid, batch.labels, torch.zeros_like(batch.labels))
     logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, logp, torch.zeros_like(logp))
+
+
+def chi2_pvalue(stat: float, dof: int) -> float:
+    """P(chi2_dof >= stat) = 1 - P(dof/2, stat/2), the regularized lower incomplete gamma by its series."""
+    a, x = dof / 2.0, stat / 2.0
+    if x <= 0:
+        return 1.0
+    term = total = 1.0 / a
+    n = 1
+    while term > total * 1e-17:
+        term *= x / (a + n)
+        total += term
+        n += 1
+    return max(0.0, 1.0 - math.exp(a * math.log(x) - x - math.lgamma(a)) * total)
+
+
+def assert_samples_follow(tok, lp, x, temperature: float, top_k: int, top_p: float) -> None:
+    """n tokens sampled from the one row `x` [1, V] follow softmax(x / T) on the kept set (chi-square,
+    p > 1e-4), never leave it, and come with the log-probability of the distribution sampled."""
+    from rebel_kernels.reference import reference_kept_mask
+
+    vocab, n = x.shape[1], tok.numel()
+    tok = tok.cpu()
+    keep = reference_kept_mask(x, temperature, top_k, top_p)[0]
+    probs = torch.softmax(torch.where(keep, x[0].double() / temperature, float("-inf")), -1)
+    counts = torch.bincount(tok, minlength=vocab).double()
+    assert counts[~keep].sum() == 0, "sampled a token outside the kept set"
+    expected = probs[keep] * n
+    stat = float(((counts[keep] - expected) ** 2 / expected).sum())
+    dof = int(keep.sum()) - 1
+    if dof > 0:
+        assert chi2_pvalue(stat, dof) > 1e-4, f"chi2 = {stat:.1f} with {dof} dof"
+    torch.testing.assert_close(lp.cpu().double(), probs[tok].log(), atol=1e-5, rtol=0)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _inputs import assert_samples_follow, chi2_pvalue
 
 import rebel_kernels  # noqa: F401  (defines the Python custom ops of the same namespace first)
 from rebel_kernels.topk_topp import reference_kept_mask, reference_sample_logits, sample_logits
@@ -113,24 +114,10 @@ def test_tie_rules_by_hand():
         assert set(tok.tolist()) == kept, (k, p)
 
 
-def _chi2_pvalue(stat: float, dof: int) -> float:
-    """P(chi2_dof >= stat) = 1 - P(dof/2, stat/2), the regularized lower incomplete gamma by its series."""
-    a, x = dof / 2.0, stat / 2.0
-    if x <= 0:
-        return 1.0
-    term = total = 1.0 / a
-    n = 1
-    while term > total * 1e-17:
-        term *= x / (a + n)
-        total += term
-        n += 1
-    return max(0.0, 1.0 - math.exp(a * math.log(x) - x - math.lgamma(a)) * total)
-
-
 def test_chi2_pvalue_helper():
     # known quantiles: chi2(1) >= 3.841 has p = 0.05, chi2(10) >= 29.588 has p = 0.001
-    assert abs(_chi2_pvalue(3.841459, 1) - 0.05) < 1e-5
-    assert abs(_chi2_pvalue(29.5883, 10) - 0.001) < 1e-5
+    assert abs(chi2_pvalue(3.841459, 1) - 0.05) < 1e-5
+    assert abs(chi2_pvalue(29.5883, 10) - 0.001) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -146,17 +133,7 @@ def test_distribution_chi_square(device, temperature, top_k, top_p):
     vocab, n = 10, 20000
     x = torch.randn(1, vocab, generator=gen)
     tok, lp = op(x.expand(n, -1).to(device), torch.rand(n, generator=gen).to(device), temperature, top_k, top_p)
-    tok = tok.cpu()
-    keep = reference_kept_mask(x, temperature, top_k, top_p)[0]
-    probs = torch.softmax(torch.where(keep, x[0].double() / temperature, float("-inf")), -1)
-    counts = torch.bincount(tok, minlength=vocab).double()
-    assert counts[~keep].sum() == 0, "sampled a token outside the kept set"
-    expected = probs[keep] * n
-    stat = float(((counts[keep] - expected) ** 2 / expected).sum())
-    dof = int(keep.sum()) - 1
-    if dof > 0:
-        assert _chi2_pvalue(stat, dof) > 1e-4, f"chi2 = {stat:.1f} with {dof} dof"
-    torch.testing.assert_close(lp.cpu().double(), probs[tok].log(), atol=1e-5, rtol=0)
+    assert_samples_follow(tok, lp, x, temperature, top_k, top_p)
 
 
 @pytest.mark.parametrize("device", DEVICES)
