@@ -59,6 +59,9 @@ class Run:
     progress: Progress
     timer: PhaseTimer
     counters: dict = dataclasses.field(default_factory=lambda: {"skipped_batches": 0})
+    # optimizer steps taken since the run began (checkpointed; not a metric): 0 at the end means nothing
+    # was trained and the run fails (engine/loop.py). None: restored from a checkpoint that predates it.
+    optimizer_steps: int | None = 0
 
 
 def build(cfg: config_mod.TrainConfig) -> Run:

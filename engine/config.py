@@ -114,8 +114,31 @@ class TrainConfig:
         validate(self)
 
 
+def _walk(obj, prefix: str = ""):
+    """(section.key, value) of every leaf field of a config, nested sections included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _walk(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Cross-field checks; each error names the key and the value."""
+    """Every value, when the config is built (before anything is loaded); each error names the key and
+    the value. No float anywhere may be NaN or infinite."""
+    for key, value in _walk(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key} must be finite, got {value!r}")
+    if not cfg.run_dir.strip():
+        raise ValueError("run_dir must not be empty")
+    if cfg.seed < 0:
+        raise ValueError(f"seed must be >= 0, got {cfg.seed!r}")
+    if cfg.reward.preference_model:
+        for name in ("{prompt}", "{a}", "{b}"):
+            if name not in cfg.reward.preference_template:
+                raise ValueError(f"reward.preference_template must contain {name}, got "
+                                 f"{cfg.reward.preference_template!r}")
     positive = {"train.prompts_per_iteration": cfg.train.prompts_per_iteration,
                 "train.num_epochs": cfg.train.num_epochs, "train.minibatches": cfg.train.minibatches,
                 "train.micro_batch_prompts": cfg.train.micro_batch_prompts, "optim.iterations": cfg.optim.iterations,

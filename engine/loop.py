@@ -34,9 +34,18 @@ class _Stop:
         signal.signal(signal.SIGTERM, lambda *_: setattr(cls, "requested", True))
 
 
+class NothingTrained(RuntimeError):
+    """Every update of the run was skipped (non-finite rewards, preferences or losses): no weight
+    changed, so no export is written and the run fails. `.stats`: the last iteration's metrics."""
+
+    def __init__(self, message: str, stats: dict):
+        super().__init__(message)
+        self.stats = stats
+
+
 def run(r: Run) -> dict:
     """Train from the last checkpoint (or from scratch) to `optim.iterations`; returns the last
-    iteration's metrics."""
+    iteration's metrics. Raises NothingTrained when every update was skipped."""
     _Stop.install()
     first = resume(r)
     last = {}
@@ -49,7 +58,12 @@ def run(r: Run) -> dict:
         if _Stop.requested:
             log.warning("SIGTERM: checkpoint written at iteration %d, exiting", it)
             break
-    finish(r)
+    untrained = first < r.cfg.optim.iterations and r.optimizer_steps == 0 and not _Stop.requested
+    finish(r, export=not untrained)
+    if untrained:
+        raise NothingTrained(
+            f"every update was skipped ({r.counters['skipped_batches']} skipped: non-finite rewards, preferences "
+            f"or losses, see the warnings above); nothing was trained and no export was written", last)
     return last
 
 
@@ -87,6 +101,7 @@ def resume(r: Run) -> int:
     extra = r.checkpointer.load(r.resume_from, model=r.policy_lp, optimizer=r.optimizer, scheduler=r.scheduler)
     r.order.load_state_dict(extra["order"])
     r.counters.update(extra["counters"])
+    r.optimizer_steps = extra.get("optimizer_steps")  # None: a checkpoint of an earlier release
     set_rng_state(extra["rng"], r.sample_generator, r.shuffle_generator)
     log.info("resumed from iteration %d", r.resume_from)
     return r.resume_from + 1
@@ -95,17 +110,19 @@ def resume(r: Run) -> int:
 def save(r: Run, it: int) -> None:
     """A resumable checkpoint after iteration `it`: weights, optimizer, scheduler, data position, RNGs."""
     extra = {"order": r.order.state_dict(), "counters": dict(r.counters),
-             "rng": rng_state(r.sample_generator, r.shuffle_generator), "iteration": it}
+             "rng": rng_state(r.sample_generator, r.shuffle_generator), "iteration": it,
+             "optimizer_steps": r.optimizer_steps}
     r.checkpointer.save(it, model=r.policy_lp, optimizer=r.optimizer, scheduler=r.scheduler, extra=extra)
 
 
-def finish(r: Run) -> None:
-    """Plots, the final export (LoRA: the adapter only; not after SIGTERM), the process group."""
+def finish(r: Run, export: bool = True) -> None:
+    """Plots, the final export (LoRA: the adapter only; not after SIGTERM, nor when `export` is False),
+    the process group."""
     r.progress.close()
     if r.dist.is_main and r.cfg.logging.plots:
         r.metrics.plot()
     r.metrics.close()
-    if r.cfg.checkpoint.export_hf and not _Stop.requested:
+    if export and r.cfg.checkpoint.export_hf and not _Stop.requested:
         saver = lora.adapter_saver(r.policy) if r.cfg.model.lora_rank else None
         export_hf(r.policy_lp, r.tokenizer, os.path.join(r.cfg.run_dir, "final"), save=saver)
     if r.dist.sharded:

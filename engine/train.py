@@ -45,7 +45,18 @@ def train(cfg: config_mod.TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_args(sys.argv[1:] if argv is None else argv))
+    """The command line: a config error is one line and exit status 2; a run that trained nothing
+    (every update skipped) exits 1."""
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as err:
+        print(f"engine/train.py: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        train(cfg)
+    except loop.NothingTrained as err:
+        print(f"engine/train.py: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ def update(run: Run, batch: rollout.Batch) -> dict:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             run.optimizer.step()
             run.scheduler.step()
+            if run.optimizer_steps is not None:
+                run.optimizer_steps += 1
             losses.append(reduced[1] / (len(mb) * d.world))
             algo = {f"algorithm/{k}": v / d.world for k, v in zip(keys, reduced[2:])}
     return algo | {"loss/first": losses[0] if losses else math.nan, "loss/last": losses[-1] if losses else math.nan,

@@ -46,3 +46,28 @@ def test_cli_parses_preset_and_overrides():
     assert cfg.optim.lr == 1e-6 and cfg.algorithm.eta == 0.5 and cfg.train.prompts_per_iteration == 512
     with pytest.raises(SystemExit):
         parse_args(["--optim.lr"])  # a key without a value
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("reward.missing_eos_penalty", "nan", "reward.missing_eos_penalty must be finite, got nan"),
+    ("reward.missing_eos_penalty", "-inf", "reward.missing_eos_penalty must be finite"),
+    ("optim.max_grad_norm", "inf", "optim.max_grad_norm must be finite"),
+    ("model.lora_alpha", "nan", "model.lora_alpha must be finite"),
+    ("generation.top_p", "nan", "top_p"),
+    ("seed", "-1", "seed must be >= 0"),
+    ("run_dir", " ", "run_dir must not be empty"),
+])
+def test_every_value_is_validated_when_the_config_is_built(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        C.apply_overrides(C.default(), [(key, value)])
+
+
+def test_cli_config_error_is_one_line_and_exit_2(tmp_path, capsys):
+    from engine.train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--run_dir", str(tmp_path), "--optim.iterations", "1", "--reward.missing_eos_penalty", "nan"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "reward.missing_eos_penalty must be finite" in err
+    assert not (tmp_path / "config.json").exists()  # nothing was built

@@ -224,11 +224,16 @@ def nan_reward(prompts, responses):
     return [float("nan")] * len(prompts)
 
 
-def test_non_finite_reward_skips_the_update(tmp_path):
+def test_non_finite_reward_skips_the_update_and_a_run_that_trained_nothing_fails(tmp_path):
+    from engine.loop import NothingTrained
+
     cfg = small_cfg(tmp_path / "nan", reward=C.RewardConfig(function="test_train:nan_reward"),
-                    checkpoint=C.CheckpointConfig(every=0, export_hf=False))
-    stats = train(cfg)
+                    checkpoint=C.CheckpointConfig(every=0, export_hf=True))
+    with pytest.raises(NothingTrained, match="every update was skipped") as err:
+        train(cfg)
+    stats = err.value.stats
     assert stats["skipped_batches"] == 2 and "loss/first" not in stats
+    assert not (tmp_path / "nan" / "final").exists()  # no untrained export
 
 
 def test_reward_model_rescores_with_its_own_tokenizer(tmp_path):
