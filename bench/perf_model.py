@@ -1,0 +1,259 @@
+"""A performance model of the fused op: FLOPs, HBM bytes, atomic bytes and launches of each kernel at a
+shape, and the time it predicts on a device from datasheet peaks and one measured-efficiency factor.
+
+    python bench/perf_model.py                       # the table of the README (old vs new backward)
+    python bench/perf_model.py --tokens 16384 --model llama3_8b --device h100
+
+Each kernel's time is a roofline: max(FLOPs / (peak x efficiency), HBM bytes / bandwidth, atomic bytes /
+atomic throughput) plus its launches. `efficiency` is the fraction of the datasheet bf16 peak a large
+dense matmul reaches on the device (H100/H200: 790 of 989 TFLOP/s, measured; A6000: assumed 0.8 until
+measured); "% of matmul peak" is the op's useful FLOPs over its time, against that measured peak.
+The HBM traffic of a tiled matmul counts each operand once per tile row / column group (GROUP_M
+supergrouping keeps about `L2_REUSE` tiles of the other operand in L2): an estimate, to be replaced by
+measurement, that decides whether a kernel sits near the ridge, not its FLOP time.
+
+Kernels modelled (rebel_kernels/logprobs/triton_kernels.py):
+- forward: the split-vocab partial kernel (logits tile on chip, online log-sum-exp) and its combine;
+- backward "atomic" (the first design): one program per (token block, vocab tile) recomputes the
+  logits tile and adds [BLOCK_M, H] float32 blocks into d hidden and d weight with atomics;
+- backward "gemm" (the redesign): per chunk, a kernel recomputes the logits tile and stores d logits
+  (dz, rounded once to the compute dtype), then two dense GEMMs. Deterministic: no atomics. Two ways
+  to cut the [N, V] dz into chunks that fit a `dz_budget`-byte buffer:
+  - split="tokens": chunks of tokens x all V; d hidden = dz @ W is written once, d weight += dz^T @ h
+    is a float32 [V, H] read and written once per chunk (N * V * dtype / budget chunks);
+  - split="vocab": all N tokens x chunks of V; d weight[chunk] = dz^T @ h is written once, d hidden
+    += dz @ W[chunk] is a float32 [N, H] accumulator read and written once per chunk (its extra
+    N * H * 2 bytes over a bf16 d hidden come out of the budget).
+  The accumulator traffic per chunk is V * H * 8 vs N * H * 8 bytes with the same number of chunks:
+  the split along the larger dimension costs max(N, V) / min(N, V) times more. "auto" (`gemm_plan`)
+  combines both: token blocks (outer) x vocab chunks (inner), the pair with the least traffic.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+L2_REUSE = 8  # tiles of the other operand served from L2 per HBM read (GROUP_M supergrouping)
+MIB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    name: str
+    bf16_tflops: float  # dense, datasheet
+    hbm_tbs: float  # datasheet
+    atomic_tbs: float  # float32 atomic read-modify-write throughput into HBM (estimate)
+    efficiency: float  # measured large-matmul fraction of bf16_tflops (one number per device)
+    launch_us: float = 5.0  # per kernel launch, host + device
+
+    @property
+    def matmul_tflops(self) -> float:
+        """The measured matmul peak: what "% of peak" is measured against."""
+        return self.bf16_tflops * self.efficiency
+
+
+DEVICES = {
+    # H100 SXM: 989 nominal, ~790 measured on 8192^3 bf16 (docs/design.md section 6); atomics 2.5-5 TB/s.
+    "h100": Device("H100 SXM", 989.0, 3.35, 3.5, 0.80),
+    # H200: H100's compute, 4.8 TB/s; 769-798 TFLOP/s measured here on 8192^3 bf16 (device KINDS.md).
+    "h200": Device("H200", 989.0, 4.8, 5.0, 0.80),
+    # RTX A6000: 155 dense bf16 (tensor cores, fp32 accumulate), 768 GB/s; efficiency not yet measured.
+    "a6000": Device("RTX A6000", 155.0, 0.768, 0.8, 0.80),
+}
+
+MODELS = {  # LM head shapes (H, V)
+    "llama3_8b": (4096, 128256),
+    "qwen2_5_7b": (3584, 152064),
+    "gemma2_2b": (2304, 256000),
+    "pythia_2_8b": (2560, 50304),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    split_v: int = 8192  # forward: vocab columns per partial program
+
+
+SM90 = Tiles()
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    name: str
+    flops: float
+    hbm_bytes: float
+    atomic_bytes: float = 0.0
+    launches: int = 1
+
+    def seconds(self, dev: Device) -> float:
+        compute = self.flops / (dev.bf16_tflops * dev.efficiency * 1e12)
+        memory = self.hbm_bytes / (dev.hbm_tbs * 1e12)
+        atomics = self.atomic_bytes / (dev.atomic_tbs * 1e12)
+        return max(compute, memory, atomics) + self.launches * dev.launch_us * 1e-6
+
+
+def _matmul_bytes(m: int, n: int, k: int, in_bytes: int, out_bytes: float, bm: int, bn: int) -> float:
+    """HBM traffic of an [m, k] x [k, n] tiled matmul: each operand re-read once per L2 group of the
+    other's tiles, the output written once (out_bytes per element; 2x for read-modify-write)."""
+    a = m * k * in_bytes * math.ceil(n / (bn * L2_REUSE))
+    b = n * k * in_bytes * math.ceil(m / (bm * L2_REUSE))
+    return a + b + m * n * out_bytes
+
+
+def forward(n: int, h: int, v: int, dtype_bytes: int = 2, tiles: Tiles = SM90) -> list[Kernel]:
+    splits = math.ceil(v / tiles.split_v)
+    partial = Kernel("fwd partial (logits tile + online LSE)", 2.0 * n * h * v,
+                     _matmul_bytes(n, v, h, dtype_bytes, 0, tiles.block_m, tiles.block_n) + n * splits * 12)
+    combine = Kernel("fwd combine", 0.0, n * splits * 12 + n * 8)
+    return [partial, combine]
+
+
+def backward_atomic(n: int, h: int, v: int, dtype_bytes: int = 2, tiles: Tiles = SM90) -> list[Kernel]:
+    """Each of the (N / BLOCK_M) x (V / BLOCK_N) programs adds a [BLOCK_M, H] float32 block into d hidden
+    and another into d weight: 2 * programs * BLOCK_M * H * 4 bytes of atomic read-modify-write."""
+    programs = math.ceil(n / tiles.block_m) * math.ceil(v / tiles.block_n)
+    atomic = 2.0 * programs * tiles.block_m * h * 4
+    reads = _matmul_bytes(n, v, h, dtype_bytes, 0, tiles.block_m, tiles.block_n)
+    return [Kernel("bwd atomic (recompute + dz + atomics)", 6.0 * n * h * v, reads, atomic_bytes=atomic)]
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmPlan:
+    """How the gemm backward cuts [N, V] into dz chunks: token blocks of `tokens` rows (outer loop) and,
+    inside each, vocab chunks of `vocab` columns. vocab == V: d hidden is written once per token
+    block. vocab < V: d hidden is a float32 accumulator over the block's vocab chunks (its extra
+    block x H x (4 - dtype) bytes come out of the budget). More than one token block: d weight is a
+    float32 accumulator read and written once per block."""
+
+    tokens: int
+    vocab: int
+
+    def chunks(self, n: int, v: int) -> tuple[int, int]:
+        return math.ceil(n / self.tokens), math.ceil(v / self.vocab)
+
+    def accumulator_bytes(self, n: int, h: int, v: int) -> int:
+        blocks, vchunks = self.chunks(n, v)
+        dw = v * h * (8 if blocks > 1 else 4)
+        dh = self.tokens * h * 8 if vchunks > 1 else 0
+        return blocks * (dw + vchunks * dh)
+
+    def memory_bytes(self, h: int, v: int, dtype_bytes: int) -> int:
+        """dz chunk + the float32 d hidden accumulator's extra half."""
+        extra = self.tokens * h * (4 - dtype_bytes) if self.vocab < v else 0
+        return self.tokens * self.vocab * dtype_bytes + extra
+
+
+def gemm_plan(n: int, h: int, v: int, dtype_bytes: int = 2, dz_budget: int = 256 * MIB,
+              split: str = "auto") -> GemmPlan:
+    """split="tokens": token blocks x all V; "vocab": all N tokens x vocab chunks; "auto": the plan with
+    the least accumulator traffic among token blocks N, N/2, N/4, ... (multiples of 128) x the widest
+    vocab chunk that the budget leaves."""
+    def widest(tokens: int) -> GemmPlan | None:
+        if tokens * v * dtype_bytes <= dz_budget:
+            return GemmPlan(tokens, v)
+        room = dz_budget - tokens * h * (4 - dtype_bytes)
+        cols = (room // (tokens * dtype_bytes)) // 128 * 128 if room > 0 else 0
+        return GemmPlan(tokens, min(v, cols)) if cols >= 128 else None
+
+    if split == "tokens":
+        return GemmPlan(min(n, max(128, (dz_budget // (v * dtype_bytes)) // 128 * 128)), v)
+    if split == "vocab":
+        plan = widest(n)
+        return plan if plan is not None else GemmPlan(n, 128)
+    candidates, tokens = [], n
+    while True:
+        plan = widest(tokens)
+        if plan is not None:
+            candidates.append(plan)
+        if tokens <= 128:
+            break
+        tokens = max(128, math.ceil(tokens / 2 / 128) * 128)
+    return min(candidates, key=lambda p: p.accumulator_bytes(n, h, v))
+
+
+def backward_gemm(n: int, h: int, v: int, dtype_bytes: int = 2, tiles: Tiles = SM90,
+                  dz_budget: int = 256 * MIB, split: str = "auto") -> list[Kernel]:
+    plan = gemm_plan(n, h, v, dtype_bytes, dz_budget, split)
+    blocks, vchunks = plan.chunks(n, v)
+    launches = blocks * vchunks
+    bm, bn = tiles.block_m, tiles.block_n
+    dz = Kernel("bwd dz (recompute logits, store dz)", 2.0 * n * h * v,
+                _matmul_bytes(n, v, h, dtype_bytes, dtype_bytes, bm, bn), launches=launches)
+    dh_out = 8 if vchunks > 1 else dtype_bytes  # float32 accumulator read + written, or written once
+    dw_out = 8 if blocks > 1 else 4
+    dh = blocks * vchunks * _matmul_bytes(plan.tokens, h, plan.vocab, dtype_bytes, dh_out, bm, bn)
+    dw = blocks * vchunks * _matmul_bytes(plan.vocab, h, plan.tokens, dtype_bytes, dw_out, bm, bn)
+    return [dz, Kernel("bwd d hidden GEMM", 2.0 * n * h * v, dh, launches=launches),
+            Kernel("bwd d weight GEMM", 2.0 * n * h * v, dw, launches=launches)]
+
+
+def gemm_memory_bytes(n: int, h: int, v: int, dtype_bytes: int = 2, dz_budget: int = 256 * MIB,
+                      split: str = "auto") -> dict:
+    """Op memory of the backward beyond the inputs: d hidden, d weight (float32), the dz chunk and the
+    float32 d hidden accumulator's extra half (within the budget), the forward's log-sum-exp."""
+    plan = gemm_plan(n, h, v, dtype_bytes, dz_budget, split)
+    return {"d_hidden": n * h * dtype_bytes, "d_weight_fp32": v * h * 4,
+            "budgeted": plan.memory_bytes(h, v, dtype_bytes), "lse": n * 4}
+
+
+def predict(kernels: list[Kernel], dev: Device, useful_flops: float) -> dict:
+    t = sum(k.seconds(dev) for k in kernels)
+    return {"ms": t * 1e3, "tflops": useful_flops / t / 1e12, "fraction_of_matmul_peak": useful_flops / t / 1e12
+            / dev.matmul_tflops, "atomic_gb": sum(k.atomic_bytes for k in kernels) / 1e9,
+            "hbm_gb": sum(k.hbm_bytes for k in kernels) / 1e9, "launches": sum(k.launches for k in kernels)}
+
+
+def backward_table(n: int, model: str, device: str, dtype_bytes: int = 2) -> dict:
+    """Old (atomic) vs new (gemm) backward at one shape: predicted time, TFLOP/s, fraction of peak."""
+    h, v = MODELS[model]
+    dev = DEVICES[device]
+    useful = 6.0 * n * h * v  # recompute + d hidden + d weight
+    atomic_lo = dataclasses.replace(dev, atomic_tbs=2.5)
+    return {"tokens": n, "model": model, "device": dev.name, "floor_ms": useful / (dev.matmul_tflops * 1e12) * 1e3,
+            "atomic": predict(backward_atomic(n, h, v, dtype_bytes), dev, useful),
+            "atomic_slow_atomics": predict(backward_atomic(n, h, v, dtype_bytes), atomic_lo, useful),
+            "gemm_tokens": predict(backward_gemm(n, h, v, dtype_bytes, split="tokens"), dev, useful),
+            "gemm": predict(backward_gemm(n, h, v, dtype_bytes), dev, useful),
+            "gemm_plan": dataclasses.asdict(gemm_plan(n, h, v, dtype_bytes)),
+            "gemm_memory_mib": {k: b / MIB for k, b in gemm_memory_bytes(n, h, v, dtype_bytes).items()}}
+
+
+def readme_rows(devices=("h100", "h200", "a6000"), tokens=(2048, 8192, 16384, 32768)) -> list[dict]:
+    rows = []
+    for device in devices:
+        for model in MODELS:
+            for n in tokens:
+                rows.append(backward_table(n, model, device))
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="*", default=[2048, 8192, 16384, 32768])
+    p.add_argument("--model", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--device", nargs="*", default=["h100", "h200", "a6000"], choices=list(DEVICES))
+    a = p.parse_args(argv)
+    print("| device | head | N | floor ms | atomic ms (% peak) | atomic GB | gemm by tokens ms (% peak) "
+          "| gemm ms (% peak) | token block x vocab chunk | extra MiB over dh + dW |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for device in a.device:
+        for model in a.model:
+            for n in a.tokens:
+                r = backward_table(n, model, device)
+                at, gt, ge = r["atomic"], r["gemm_tokens"], r["gemm"]
+                mem = r["gemm_memory_mib"]
+                extra = mem["budgeted"] + mem["lse"]
+                plan = r["gemm_plan"]
+                print(f"| {r['device']} | {model} | {n} | {r['floor_ms']:.1f} | {at['ms']:.1f} "
+                      f"({100 * at['fraction_of_matmul_peak']:.0f}%) | {at['atomic_gb']:.0f} | {gt['ms']:.1f} "
+                      f"({100 * gt['fraction_of_matmul_peak']:.0f}%) | {ge['ms']:.1f} "
+                      f"({100 * ge['fraction_of_matmul_peak']:.0f}%) | {plan['tokens']} x {plan['vocab']} "
+                      f"| {extra:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
