@@ -62,6 +62,7 @@ class Run:
     # optimizer steps taken since the run began (checkpointed; not a metric): 0 at the end means nothing
     # was trained and the run fails (engine/loop.py). None: restored from a checkpoint that predates it.
     optimizer_steps: int | None = 0
+    failure: str | None = None  # set by the loop when the run ended without its purpose (exit status 1)
 
 
 def build(cfg: config_mod.TrainConfig) -> Run:

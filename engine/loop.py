@@ -34,18 +34,10 @@ class _Stop:
         signal.signal(signal.SIGTERM, lambda *_: setattr(cls, "requested", True))
 
 
-class NothingTrained(RuntimeError):
-    """Every update of the run was skipped (non-finite rewards, preferences or losses): no weight
-    changed, so no export is written and the run fails. `.stats`: the last iteration's metrics."""
-
-    def __init__(self, message: str, stats: dict):
-        super().__init__(message)
-        self.stats = stats
-
-
 def run(r: Run) -> dict:
     """Train from the last checkpoint (or from scratch) to `optim.iterations`; returns the last
-    iteration's metrics. Raises NothingTrained when every update was skipped."""
+    iteration's metrics. When every update was skipped (non-finite rewards, preferences or losses) no
+    weight changed: no export is written and `r.failure` says so (the command line exits 1)."""
     _Stop.install()
     first = resume(r)
     last = {}
@@ -61,9 +53,9 @@ def run(r: Run) -> dict:
     untrained = first < r.cfg.optim.iterations and r.optimizer_steps == 0 and not _Stop.requested
     finish(r, export=not untrained)
     if untrained:
-        raise NothingTrained(
-            f"every update was skipped ({r.counters['skipped_batches']} skipped: non-finite rewards, preferences "
-            f"or losses, see the warnings above); nothing was trained and no export was written", last)
+        r.failure = (f"every update was skipped ({r.counters['skipped_batches']} skipped: non-finite rewards, "
+                     f"preferences or losses, see the warnings above); nothing was trained and no export was written")
+        log.error(r.failure)
     return last
 
 

@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         print(f"engine/train.py: config error: {err}", file=sys.stderr)
         sys.exit(2)
-    try:
-        train(cfg)
-    except loop.NothingTrained as err:
-        print(f"engine/train.py: {err}", file=sys.stderr)
+    run = build(cfg)
+    loop.run(run)
+    if run.failure:
+        print(f"engine/train.py: {run.failure}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -224,16 +224,18 @@ def nan_reward(prompts, responses):
     return [float("nan")] * len(prompts)
 
 
-def test_non_finite_reward_skips_the_update_and_a_run_that_trained_nothing_fails(tmp_path):
-    from engine.loop import NothingTrained
+def test_non_finite_reward_skips_the_update_and_a_run_that_trained_nothing_fails(tmp_path, capsys):
+    from engine.train import main
 
-    cfg = small_cfg(tmp_path / "nan", reward=C.RewardConfig(function="test_train:nan_reward"),
-                    checkpoint=C.CheckpointConfig(every=0, export_hf=True))
-    with pytest.raises(NothingTrained, match="every update was skipped") as err:
-        train(cfg)
-    stats = err.value.stats
-    assert stats["skipped_batches"] == 2 and "loss/first" not in stats
-    assert not (tmp_path / "nan" / "final").exists()  # no untrained export
+    run_dir = tmp_path / "nan"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--run_dir", str(run_dir), "--optim.iterations", "2", "--train.prompts_per_iteration", "8",
+              "--reward.function", "test_train:nan_reward", "--checkpoint.every", "0", "--logging.progress", "false",
+              "--logging.tensorboard", "false", "--logging.plots", "false"])
+    assert exit_.value.code == 1
+    assert "every update was skipped (2 skipped" in capsys.readouterr().err
+    assert [row["skipped_batches"] for row in _metrics(run_dir)] == [1, 2]
+    assert not (run_dir / "final").exists()  # no untrained export
 
 
 def test_reward_model_rescores_with_its_own_tokenizer(tmp_path):
