@@ -5,6 +5,8 @@ For REBEL from preferences: a pairwise preference model or a function, (prompts,
 from __future__ import annotations
 
 import importlib
+import logging
+import numbers
 from collections.abc import Callable
 from typing import Protocol
 
@@ -12,6 +14,8 @@ import torch
 
 from engine.config import RewardConfig
 from engine.tasks import BUILTIN_PREFERENCES, BUILTIN_REWARDS
+
+log = logging.getLogger("rebel")
 
 
 class RewardFn(Protocol):
@@ -47,6 +51,7 @@ class _SequenceClassifier:
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device, self.batch_size = device, batch_size
+        self.name = f"{type(self).__name__}({path!r})"  # how errors about its outputs name it
 
     def _chat(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False)
@@ -123,23 +128,66 @@ def build_preference(cfg: RewardConfig, *, default: str | None, device, dtype=No
     raise ValueError("no preference model: set reward.preference_model or reward.preference_function")
 
 
+def function_name(fn) -> str:
+    """How errors name a reward or preference: its `name`, else its import path 'module:qualname'."""
+    name = getattr(fn, "name", None)
+    if isinstance(name, str):
+        return name
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if module and qualname:
+        return f"{module}:{qualname}"
+    return repr(fn)
+
+
+def checked_output(out, count: int, fn, *, what: str, unit: str, inputs: str, device) -> torch.Tensor:
+    """A reward's or preference model's output as float32 [count] on device. Anything but a list/tuple of
+    real numbers, a 1-D array or tensor of reals (one per input, [count, 1] accepted) is an error naming
+    the function; non-finite values are kept (the loop skips the iteration) and warned about."""
+    name = function_name(fn)
+    kind = f"{type(out).__name__}: {out!r}"[:200]
+    if isinstance(out, (list, tuple)):
+        for j, value in enumerate(out):
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{what} {name} must return a list of {count} {unit} (real numbers); item {j} is "
+                                f"{type(value).__name__}: {value!r}"[:300])
+        tensor = torch.as_tensor([float(v) for v in out], dtype=torch.float64)
+    elif isinstance(out, torch.Tensor) or type(out).__module__ == "numpy":
+        tensor = torch.as_tensor(out)
+        if tensor.dtype == torch.bool or tensor.dtype.is_complex:
+            raise TypeError(f"{what} {name} must return real numbers, got a {tensor.dtype} tensor")
+        if tensor.dim() == 2 and tensor.shape[1] == 1:
+            tensor = tensor[:, 0]
+        if tensor.dim() != 1:
+            raise ValueError(f"{what} {name} must return one value per input ({count} {inputs}), got shape "
+                             f"{tuple(tensor.shape)}")
+    else:
+        raise TypeError(f"{what} {name} must return a list of {count} {unit} or a 1-D tensor, got {kind}")
+    if tensor.numel() != count:
+        raise ValueError(f"{what} {name} returned {tensor.numel()} {unit} for {count} {inputs}")
+    tensor = tensor.to(device=device, dtype=torch.float32)
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        log.warning("%s %s returned %d non-finite %s of %d (first at input %d): this iteration's update is skipped",
+                    what, name, int(bad.sum()), unit, count, int(bad.nonzero()[0, 0]))
+    return tensor
+
+
 def score(reward: RewardFn, prompts: list[str], responses: list[str], device) -> torch.Tensor:
-    """Call the reward and return float32 scores on device; a wrong count is an error."""
-    out = reward(prompts, responses)
-    out = torch.as_tensor(out, dtype=torch.float32).to(device).reshape(-1)
-    if out.numel() != len(prompts):
-        raise ValueError(f"the reward returned {out.numel()} scores for {len(prompts)} responses")
-    return out
+    """Call the reward and return float32 scores on device; a wrong type or count is an error naming it."""
+    return checked_output(reward(prompts, responses), len(prompts), reward, what="the reward", unit="scores",
+                          inputs="responses", device=device)
 
 
 def preferences(prefer, prompts: list[str], responses: list[str], others: list[str], device) -> torch.Tensor:
     """Call the preference model: float32 [n] P(responses[j] > others[j] | prompts[j]) on device.
-    A wrong count or a finite value outside [0, 1] is an error (non-finite ones are the loop's to skip)."""
-    out = torch.as_tensor(prefer(prompts, responses, others), dtype=torch.float32).to(device).reshape(-1)
-    if out.numel() != len(prompts):
-        raise ValueError(f"the preference model returned {out.numel()} probabilities for {len(prompts)} pairs")
+    A wrong type or count, or a finite value outside [0, 1], is an error naming the function (non-finite
+    ones are the loop's to skip)."""
+    out = checked_output(prefer(prompts, responses, others), len(prompts), prefer, what="the preference model",
+                         unit="probabilities", inputs="pairs", device=device)
     finite = out[torch.isfinite(out)]
     if finite.numel() and not bool(((finite >= 0) & (finite <= 1)).all()):
-        raise ValueError(f"the preference model must return probabilities in [0, 1], got min {finite.min().item()} "
-                         f"max {finite.max().item()}")
+        raise ValueError(f"the preference model {function_name(prefer)} must return probabilities in [0, 1], got "
+                         f"min {finite.min().item()} max {finite.max().item()}")
     return out

