@@ -36,7 +36,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class DataConfig:
-    prompts: str = "builtin:counting"  # builtin:NAME, a datasets directory, a *.jsonl file, or a hub dataset id
+    prompts: str = "builtin:counting"  # builtin:NAME, a datasets directory, *.jsonl / *.json, or a hub dataset id
     split: str = "train"
     prompt_column: str = "prompt"
     partner_column: str | None = None  # hybrid REBEL: y' read from this column instead of sampled

@@ -1,4 +1,4 @@
-"""Prompts: loading (built-in task, JSONL, a `datasets` directory, or a hub dataset), tokenization
+"""Prompts: loading (built-in task, JSONL / JSON, a `datasets` directory, or a hub dataset), tokenization
 with length filtering, and a resumable, seeded order over them."""
 from __future__ import annotations
 
@@ -15,25 +15,99 @@ from engine.tasks import BUILTIN_DATASETS
 log = logging.getLogger(__name__)
 
 
+ACCEPTED_SOURCES = ("builtin:NAME (" + ", ".join(sorted(BUILTIN_DATASETS)) + ")",
+                    "a *.jsonl file (one JSON object a line)",
+                    "a *.json file (a list of objects, or JSON lines)",
+                    "a directory written by datasets' save_to_disk",
+                    "a Hugging Face hub dataset id (org/name)")
+
+
+class Rows(list):
+    """The raw rows of a dataset, and where each came from (`where[i]`: "file:line", for messages)."""
+
+    def __init__(self, rows=(), where: list[str] | None = None):
+        super().__init__(rows)
+        self.where = where
+
+
+def _unknown_source(source: str, why: str) -> ValueError:
+    accepted = "\n  ".join(ACCEPTED_SOURCES)
+    return ValueError(f"data.prompts {source!r}: {why}; accepted sources:\n  {accepted}")
+
+
 def load_rows(cfg: DataConfig) -> list[dict]:
-    """The raw rows of the prompt dataset, through the ecosystem's own loaders."""
+    """The raw rows of the prompt dataset, through the ecosystem's own loaders. A line of a JSON-lines
+    file that is not UTF-8 or not JSON is skipped with a warning naming the file and the line."""
     source = cfg.prompts
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name not in BUILTIN_DATASETS:
             raise ValueError(f"data.prompts: unknown built-in dataset {name!r}; known: {sorted(BUILTIN_DATASETS)}")
         return BUILTIN_DATASETS[name]()
-    if source.endswith(".jsonl"):
-        with open(source) as f:
-            return [json.loads(line) for line in f if line.strip()]
+    local = os.path.exists(source) or source.startswith(("/", "./", "../", "~")) or source.endswith((".jsonl", ".json"))
+    if source.endswith((".jsonl", ".json")) and os.path.isfile(source):
+        return _read_json_rows(source)
+    if local and not os.path.isdir(source):
+        why = "no such file or directory" if not os.path.exists(source) else "not a file type the engine reads"
+        raise _unknown_source(source, why)
     import datasets
 
     if os.path.isdir(source):
-        loaded = datasets.load_from_disk(source)
-        data = loaded[cfg.split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    else:
+        try:
+            loaded = datasets.load_from_disk(source)
+        except FileNotFoundError as err:
+            raise _unknown_source(source, f"a directory, but not one written by save_to_disk ({err})") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if cfg.split not in loaded:
+                raise ValueError(f"data.prompts {source!r} has no split {cfg.split!r} (data.split); it has "
+                                 f"{sorted(loaded)}")
+            loaded = loaded[cfg.split]
+        return list(loaded)
+    try:
         data = datasets.load_dataset(source, split=cfg.split)
+    except Exception as err:  # the hub's many errors (not found, offline, bad split): one message that names it
+        raise _unknown_source(source, f"could not load it as a hub dataset ({type(err).__name__}: {err})") from err
     return list(data)
+
+
+def _read_json_rows(path: str) -> Rows:
+    """A *.json file (one JSON list of objects) or JSON lines (*.jsonl, or *.json holding lines)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if path.endswith(".json"):
+        try:
+            whole = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            whole = None  # not one JSON document: read as JSON lines below
+        else:
+            if isinstance(whole, list):
+                return Rows(whole, [f"{path} item {i + 1}" for i in range(len(whole))])
+            if not isinstance(whole, dict):
+                raise ValueError(f"{path}: expected a list of objects or JSON lines, got a JSON "
+                                 f"{type(whole).__name__}")
+            return Rows([whole], [f"{path}:1"])
+    rows, where, bad = Rows(), [], 0
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            log.warning("%s:%d: skipped: not UTF-8 (byte 0x%02x at column %d)", path, lineno, line[err.start],
+                        err.start + 1)
+            bad += 1
+            continue
+        try:
+            rows.append(json.loads(text))
+        except json.JSONDecodeError as err:
+            log.warning("%s:%d: skipped: not valid JSON (%s at column %d)", path, lineno, err.msg, err.colno)
+            bad += 1
+            continue
+        where.append(f"{path}:{lineno}")
+    if bad:
+        log.warning("%s: %d unreadable line(s) skipped", path, bad)
+    rows.where = where
+    return rows
 
 
 @dataclasses.dataclass
@@ -93,7 +167,11 @@ def prepare(rows: list[dict], tokenizer, cfg: DataConfig) -> PromptSet:
             text = _prompt_text(row, cfg, tokenizer)
             texts = {role: _response_text(row, column) for role, column in columns.items()}
         except (KeyError, ValueError, TypeError) as err:
-            log.warning("data row %d skipped: %s", i, err)
+            where = rows.where[i] if getattr(rows, "where", None) else f"row {i + 1}"
+            detail = f"no column {err}" if isinstance(err, KeyError) else str(err)
+            if not isinstance(row, dict):
+                detail = f"expected a JSON object, got {type(row).__name__}"
+            log.warning("data %s skipped: %s", where, detail)
             skipped += 1
             continue
         tokens = tokenizer(text, add_special_tokens=not cfg.chat_template)["input_ids"]
@@ -105,7 +183,8 @@ def prepare(rows: list[dict], tokenizer, cfg: DataConfig) -> PromptSet:
         for role, value in texts.items():
             responses[role].append(value)
     if not prompts:
-        raise ValueError(f"data.prompts {cfg.prompts!r}: no usable prompt ({skipped} rows skipped)")
+        raise ValueError(f"data.prompts {cfg.prompts!r}: no usable prompt ({skipped} of {len(rows)} rows skipped; "
+                         f"see the warnings above)")
     if skipped:
         log.warning("%d of %d prompt rows skipped (invalid or longer than %d tokens)", skipped, len(rows),
                     cfg.max_prompt_tokens)
