@@ -16,7 +16,7 @@ from torch import nn
 
 from engine import config as config_mod
 from engine import data, lora, parallel, precision, rewards, rollout
-from engine.checkpoint import Checkpointer
+from engine.checkpoint import Checkpointer, write_text_atomically
 from engine.generate import Sampler, eos_token_ids
 from engine.metrics import MetricsLogger, PhaseTimer, Progress
 from engine.tasks import BUILTIN_MODELS
@@ -62,6 +62,7 @@ class Run:
     # optimizer steps taken since the run began (checkpointed; not a metric): 0 at the end means nothing
     # was trained and the run fails (engine/loop.py). None: restored from a checkpoint that predates it.
     optimizer_steps: int | None = 0
+    config_changes: list = dataclasses.field(default_factory=list)  # (key, old, new) accepted on resume
     failure: str | None = None  # set by the loop when the run ended without its purpose (exit status 1)
 
 
@@ -74,9 +75,11 @@ def build(cfg: config_mod.TrainConfig) -> Run:
                          f"world size x train.minibatches = {d.world * cfg.train.minibatches}")
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.run_dir, exist_ok=True)
+    ckpt = Checkpointer(cfg.run_dir, keep=cfg.checkpoint.keep)
+    start = ckpt.latest()
+    changes = check_resume_config(cfg, ckpt, start)  # before anything is loaded or written
     if d.is_main:
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            f.write(config_mod.to_json(cfg))
+        write_text_atomically(os.path.join(cfg.run_dir, "config.json"), config_mod.to_json(cfg))
     prec = precision.decide(cfg.model.dtype, d, activation_checkpointing=cfg.model.activation_checkpointing)
     policy, reference, tokenizer = load_models(cfg, d.device)
     inference, policy_lp, reference_lp = _wrap_models(cfg, d, prec, policy, reference)
@@ -88,8 +91,6 @@ def build(cfg: config_mod.TrainConfig) -> Run:
     opt, sched = make_optimizer(cfg, [p for p in policy_lp.parameters() if p.requires_grad], steps)
     sample_gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000 + d.rank)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
-    ckpt = Checkpointer(cfg.run_dir, keep=cfg.checkpoint.keep)
-    start = ckpt.latest()
     return Run(cfg=cfg, dist=d, precision=prec, tokenizer=tokenizer, policy=policy, policy_lp=policy_lp,
                reference_lp=reference_lp, inference=inference, sampler=sampler, prompts=prompt_set, order=order,
                feedback=feedback, optimizer=opt, scheduler=sched, sample_generator=sample_gen,
@@ -97,7 +98,31 @@ def build(cfg: config_mod.TrainConfig) -> Run:
                metrics=_metrics_logger(cfg, d, start),
                progress=Progress(cfg.optim.iterations, initial=0 if start is None else start + 1,
                                  enabled=cfg.logging.progress and d.is_main),
-               timer=PhaseTimer(sync_cuda=d.device.type == "cuda"))
+               timer=PhaseTimer(sync_cuda=d.device.type == "cuda"), config_changes=changes)
+
+
+class ConfigChanged(ValueError):
+    """A resume whose config differs from the checkpoint's in fields that change the trajectory."""
+
+
+def check_resume_config(cfg: config_mod.TrainConfig, ckpt: Checkpointer, start: int | None) -> list[tuple]:
+    """The trajectory fields that differ from the checkpoint the run resumes from: an error listing them
+    (old -> new) unless checkpoint.allow_config_change; then a warning, and the list."""
+    saved = None if start is None else ckpt.saved_config(start)
+    if saved is None:
+        return []
+    changes = config_mod.trajectory_changes(saved, cfg)
+    if not changes:
+        return []
+    listed = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in changes)
+    where = os.path.join(ckpt.root, f"step_{start:08d}")
+    if not cfg.checkpoint.allow_config_change:
+        raise ConfigChanged(f"{cfg.run_dir} resumes from {where}, whose config differs in fields that change the "
+                            f"training trajectory:\n{listed}\nto continue with the new values pass "
+                            f"--checkpoint.allow_config_change true; to start afresh use a new --run_dir")
+    logging.getLogger("rebel").warning("resuming from %s with a changed config (checkpoint.allow_config_change):\n%s",
+                                       where, listed)
+    return changes
 
 
 def load_models(cfg: config_mod.TrainConfig, device):

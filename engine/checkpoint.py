@@ -16,6 +16,7 @@ On disk, one directory per checkpoint:
         scheduler.pt                   the LR scheduler's state_dict (rank 0)
         extra_rank{r}.pt               the caller's `extra` of rank r (its RNG streams differ from the others')
         meta.json                      iteration and world size of the run that wrote it
+        config.json                    the run's resolved config (a resume compares it with its own)
 
 Every rank calls save/load/export_hf (they are collectives under FSDP2); without a process group the same
 code runs in one plain process. A checkpoint is written into `.tmp-step_XXXXXXXX` and renamed by rank 0 once
@@ -47,6 +48,7 @@ from torch.distributed.tensor import DTensor
 
 _STEP = re.compile(r"step_(\d{8})")
 _TMP_PREFIX = ".tmp-"
+CONFIG_FILE = "config.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +100,21 @@ def _save_file(obj: Any, path: str) -> None:
         os.fsync(f.fileno())
 
 
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    """`path` holds either its old content or `text`, never a part (a temp file, fsync, os.replace)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    _write_text(tmp, text)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def _load_file(path: str) -> Any:
     # Our own files; they hold numpy RNG states and arbitrary picklable counters, hence weights_only=False.
     return torch.load(path, map_location="cpu", weights_only=False)
@@ -143,8 +160,9 @@ class Checkpointer:
         return done[-1] if done else None
 
     def save(self, iteration: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-             scheduler: Any | None, extra: dict) -> str:
-        """Writes a checkpoint of `iteration` (a collective: every rank calls it) and returns its directory."""
+             scheduler: Any | None, extra: dict, config: str | None = None) -> str:
+        """Writes a checkpoint of `iteration` (a collective: every rank calls it) and returns its directory.
+        `config`: the run's resolved config (JSON), stored beside the state as config.json."""
         if not isinstance(iteration, int) or not 0 <= iteration < 10**8:
             raise ValueError(f"iteration must be an int in [0, 1e8), got {iteration!r}")
         if not isinstance(extra, dict):
@@ -164,6 +182,8 @@ class Checkpointer:
         if rank == 0:
             if scheduler is not None:
                 _save_file(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            if config is not None:
+                _write_text(os.path.join(tmp, CONFIG_FILE), config)
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump({"iteration": iteration, "world_size": _world_size()}, f)
                 f.flush()
@@ -197,6 +217,14 @@ class Checkpointer:
                 raise ValueError(f"checkpoint {path} has no scheduler state, but a scheduler was passed")
             scheduler.load_state_dict(_load_file(sched_path))
         return _load_file(self._extra_path(path))
+
+    def saved_config(self, iteration: int) -> str | None:
+        """The resolved config (JSON) stored with a checkpoint, None for a checkpoint without one."""
+        path = os.path.join(self.path(iteration), CONFIG_FILE)
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return f.read()
 
     # -- internals -------------------------------------------------------------------------------
     @staticmethod

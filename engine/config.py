@@ -86,6 +86,9 @@ class CheckpointConfig:
     every: int = 25  # iterations between checkpoints (0: only at the end and on SIGTERM)
     keep: int = 2
     export_hf: bool = True  # save_pretrained of the final policy
+    # A resume whose config differs from the checkpoint's in a field that changes the trajectory (lr,
+    # iterations, seed, data, model, ...) stops and lists them; true accepts the new values.
+    allow_config_change: bool = False
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -375,6 +378,31 @@ def apply_overrides(cfg: TrainConfig, pairs: list[tuple[str, str]]) -> TrainConf
 def _suggest(word: str, options, prefix: str = "") -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean --{prefix}{close[0]}?)" if close else ""
+
+
+# Fields that do not change what is trained (where things go, what is shown, speed/memory knobs):
+# a resume may change them freely. Every other field differing from the checkpoint's stops a resume.
+NOT_TRAJECTORY = ("run_dir", "logging.", "checkpoint.", "generation.check_every", "generation.compact_finished",
+                  "generation.kv_budget_bytes", "train.micro_batch_prompts", "reward.batch_size",
+                  "model.activation_checkpointing")
+
+
+def _flatten(raw: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def trajectory_changes(saved_json: str, cfg: TrainConfig) -> list[tuple[str, object, object]]:
+    """(key, old, new) for each field that changes the trajectory and differs between a checkpoint's
+    saved config and `cfg` (fields the saved config does not know are not compared)."""
+    old, new = _flatten(json.loads(saved_json)), _flatten(json.loads(to_json(cfg)))
+    return [(key, old[key], new[key]) for key in sorted(new)
+            if key in old and old[key] != new[key] and not key.startswith(NOT_TRAJECTORY)]
 
 
 def to_json(cfg: TrainConfig) -> str:

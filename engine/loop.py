@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from engine import config as config_mod
 from engine import lora, parallel
 from engine.build import Run
 from engine.checkpoint import export_hf, rng_state, set_rng_state
@@ -95,8 +96,21 @@ def resume(r: Run) -> int:
     r.counters.update(extra["counters"])
     r.optimizer_steps = extra.get("optimizer_steps")  # None: a checkpoint of an earlier release
     set_rng_state(extra["rng"], r.sample_generator, r.shuffle_generator)
+    if any(key.startswith("optim.") for key, _, _ in r.config_changes):
+        _reschedule(r)
     log.info("resumed from iteration %d", r.resume_from)
     return r.resume_from + 1
+
+
+def _reschedule(r: Run) -> None:
+    """An accepted change of optim.* on resume: the restored scheduler follows the new lr and length (its
+    base lr was the checkpoint's; its step count is kept)."""
+    sched = r.scheduler
+    sched.base_lrs = [r.cfg.optim.lr] * len(r.optimizer.param_groups)
+    for group, base, factor in zip(r.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(sched.last_epoch)
+        group["weight_decay"], group["eps"] = r.cfg.optim.weight_decay, r.cfg.optim.adam_eps
 
 
 def save(r: Run, it: int) -> None:
@@ -104,7 +118,8 @@ def save(r: Run, it: int) -> None:
     extra = {"order": r.order.state_dict(), "counters": dict(r.counters),
              "rng": rng_state(r.sample_generator, r.shuffle_generator), "iteration": it,
              "optimizer_steps": r.optimizer_steps}
-    r.checkpointer.save(it, model=r.policy_lp, optimizer=r.optimizer, scheduler=r.scheduler, extra=extra)
+    r.checkpointer.save(it, model=r.policy_lp, optimizer=r.optimizer, scheduler=r.scheduler, extra=extra,
+                        config=config_mod.to_json(r.cfg))
 
 
 def finish(r: Run, export: bool = True) -> None:

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # `python engine/train.py` / `torchrun engine/tra
 
 from engine import config as config_mod
 from engine import loop
-from engine.build import build
+from engine.build import ConfigChanged, build
 
 
 def parse_args(argv: list[str]) -> config_mod.TrainConfig:
@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         print(f"engine/train.py: config error: {err}", file=sys.stderr)
         sys.exit(2)
-    run = build(cfg)
+    try:
+        run = build(cfg)
+    except ConfigChanged as err:
+        print(f"engine/train.py: {err}", file=sys.stderr)
+        sys.exit(2)
     loop.run(run)
     if run.failure:
         print(f"engine/train.py: {run.failure}", file=sys.stderr)

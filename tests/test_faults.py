@@ -70,3 +70,56 @@ def test_configured_reward_function_is_named_by_its_import_path():
     fn = rewards.build_reward(RewardConfig(function="test_faults:returns_none"), default=None, device="cpu")
     with pytest.raises(TypeError, match="test_faults:returns_none"):
         rewards.score(fn, ["1"], ["2"], "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# resume with a changed config (item 7)
+# ----------------------------------------------------------------------------------------------
+def small_cfg(run_dir, **sections):
+    import dataclasses
+
+    from engine import config as C
+
+    base = C.TrainConfig(run_dir=str(run_dir), train=C.TrainingConfig(prompts_per_iteration=8, micro_batch_prompts=4,
+                                                                      num_epochs=1),
+                         optim=C.OptimConfig(iterations=1, lr=1e-3),
+                         logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
+                         checkpoint=C.CheckpointConfig(every=1, keep=2, export_hf=False))
+    return dataclasses.replace(base, **sections)
+
+
+def _override(cfg, *pairs):
+    from engine import config as C
+
+    return C.apply_overrides(cfg, list(pairs))
+
+
+def test_resume_with_a_changed_config_stops_and_lists_the_fields(tmp_path):
+    import json
+    import os
+
+    from engine import loop
+    from engine.build import ConfigChanged, build
+    from engine.train import train
+
+    cfg = small_cfg(tmp_path)
+    train(cfg)
+    stored = tmp_path / "checkpoints" / "step_00000000" / "config.json"
+    assert json.loads(stored.read_text())["optim"]["lr"] == 1e-3
+    changed = _override(cfg, ("optim.lr", "0.002"), ("optim.iterations", "2"), ("model.train_top_layers", "1"))
+    with pytest.raises(ConfigChanged) as err:
+        build(changed)
+    message = str(err.value)
+    for line in ("model.train_top_layers: 0 -> 1", "optim.iterations: 1 -> 2", "optim.lr: 0.001 -> 0.002",
+                 "--checkpoint.allow_config_change true", "new --run_dir"):
+        assert line in message, line
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 1e-3  # not overwritten
+    # fields that do not change the trajectory may change freely
+    build(_override(cfg, ("logging.progress", "true"), ("checkpoint.keep", "3"), ("train.micro_batch_prompts", "2")))
+    # accepted explicitly: the new lr is the scheduler's base, not the checkpoint's
+    accepted = _override(changed, ("model.train_top_layers", "0"), ("checkpoint.allow_config_change", "true"))
+    r = build(accepted)
+    loop.run(r)
+    assert r.scheduler.base_lrs == [0.002] and r.optimizer.param_groups[0]["initial_lr"] == 0.002
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 0.002
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("config.json.")]  # atomic write left no temp
