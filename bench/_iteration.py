@@ -68,6 +68,9 @@ CASES = {c.name: c for c in (
     # The paper's TL;DR iteration shape: 512 prompts x 2 x 53 new tokens, 4 epochs, random Pythia-1.4B.
     # Estimated at about a minute an iteration on an H100; the first includes CUDA graph capture.
     IterCase("pythia-1.4b-random", "pythia_1b4_random", (), cuda=True, timeout_s=250),
+    # The same model and shape with 128 prompts: what bench/gpu_session.py fits into its 8-minute call.
+    IterCase("pythia-1.4b-random-128", "pythia_1b4_random", (("train.prompts_per_iteration", "128"),), cuda=True,
+             timeout_s=50),
 )}
 
 
