@@ -6,6 +6,7 @@ draws fresh ones, REBEL_TEST_SEED=<seed> replays the seed a failure reports.
 Sizes stay tiny because the Triton kernels run in the interpreter on CPU.
 """
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -20,6 +21,35 @@ from rebel_kernels.reference import (
 )
 
 TOL = 1e-4  # float32 inputs vs the float64 reference, relative (norm) error
+
+# The Triton backward designs under test (rebel_kernels/logprobs/triton_kernels.py): the default
+# gemm backward as configured (one chunk at these sizes), the same with the smallest chunks in
+# each orientation (many chunks: the accumulation across chunks), and the atomic backward.
+TRITON_BACKWARDS = {
+    "triton": {},
+    "triton-token-chunks": dict(CHUNKS="tokens", DZ_BUDGET_BYTES=1),
+    "triton-vocab-chunks": dict(CHUNKS="vocab", DZ_BUDGET_BYTES=1),
+    "triton-atomic": dict(REBEL_KERNELS_BWD="atomic"),
+}
+
+
+@pytest.fixture(params=["torch", *TRITON_BACKWARDS])
+def backend(request, monkeypatch):
+    """Overrides tests/conftest.py's: the backend (REBEL_KERNELS_BACKEND), and on Triton each backward
+    design. Returns "torch" or "triton"."""
+    name = request.param
+    if name != "torch" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not importable")
+    monkeypatch.setenv("REBEL_KERNELS_BACKEND", "torch" if name == "torch" else "triton")
+    if name != "torch":
+        from rebel_kernels.logprobs import triton_kernels
+
+        for key, value in TRITON_BACKWARDS[name].items():
+            if key == "REBEL_KERNELS_BWD":
+                monkeypatch.setenv(key, value)
+            else:
+                monkeypatch.setattr(triton_kernels, key, value)
+    return "torch" if name == "torch" else "triton"
 
 
 @dataclasses.dataclass(frozen=True)

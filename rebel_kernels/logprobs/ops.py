@@ -86,7 +86,7 @@ def token_logprobs_backward(
     if backend == "triton":
         from . import triton_kernels
 
-        dh_c, dw, db = triton_kernels.token_logprobs_bwd(
+        dh, dw, db = triton_kernels.token_logprobs_bwd(  # dh: dense [NT, H] in hidden's dtype
             g, h2, weight.contiguous(), None if bias is None else bias.contiguous(), y, idx, lse_c, temperature,
             need_dh, need_dw, need_db
         )
@@ -95,11 +95,9 @@ def token_logprobs_backward(
             g, h2.index_select(0, idx), weight, bias, y.index_select(0, idx), lse_c,
             temperature, need_dh, need_dw, need_db,
         )
+        dh = torch.zeros_like(h2).index_copy_(0, idx, dh_c.to(hidden.dtype)) if need_dh else None
     empty = hidden.new_empty(0)
-    if need_dh:
-        dh = torch.zeros_like(h2).index_copy_(0, idx, dh_c.to(hidden.dtype)).view(hidden.shape)
-    else:
-        dh = empty
+    dh = dh.view(hidden.shape) if need_dh else empty
     dw = dw.to(weight.dtype) if need_dw else empty.clone()
     db = db.to(bias.dtype) if need_db else empty.clone()
     return dh, dw, db

@@ -15,12 +15,26 @@ the batch around the row, since the vocabulary is split at fixed offsets):
      target logit, with z = (h W^T + b) / T computed tile by tile on chip.
   2. `_fwd_combine_kernel`: merges the splits in a fixed order into lse, logp = z_y - lse and the
      entropy lse - E_p[z], and writes every dense position (0 where the label is ignored).
-Backward: `_bwd_kernel`, one program per (token block, vocab tile), recomputes the tile of logits
-and accumulates d hidden, d weight and d bias with float32 atomics (so the backward, unlike the
-forward, is not bitwise deterministic).
+Backward, two designs, chosen by REBEL_KERNELS_BWD (read on every call):
+  gemm (default): deterministic, no atomics.  The compacted tokens x vocabulary are walked in
+     chunks whose d-logits buffer dz [rows, cols] in the compute dtype fits `DZ_BUDGET_BYTES`:
+     either token chunks (all V columns, Nc rows) or vocab chunks (all N rows, Vc columns),
+     whichever chunk is longer (Nc = budget / (V e) vs Vc = (budget - gathered rows) / (N e): token
+     chunks when N > V, vocab chunks when V > N).  Per chunk: `_dz_kernel` recomputes the logits
+     tiles from the forward's lse and writes dz (float32 in registers, rounded once to the compute
+     dtype; float32 for float32 inputs) plus per-token-block column sums for d bias; then two dense
+     GEMMs with float32 accumulation (`_acc_mm`):
+       token chunks: d hidden[chunk] = dz @ W (written once), d weight += dz^T @ h[chunk] (float32)
+       vocab chunks: d weight[chunk] = dz^T @ h (written once), d hidden += dz @ W[chunk] (float32)
+     and d bias[...] += (column sums).sum(0) in float32.
+  atomic: `_bwd_kernel`, one program per (token block, vocab tile), recomputes the tile of logits
+     and accumulates d hidden, d weight and d bias with float32 atomics (not bitwise deterministic).
 Loss epilogue: `_pair_loss_kernel`, one program per pair.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -218,9 +232,38 @@ def _bwd_kernel(
                           mask=cmask[:, None] & kmask[None, :], sem="relaxed")
 
 
+BWD_MODES = ("gemm", "atomic")
+DZ_BUDGET_BYTES = 224 << 20  # the gemm backward's dz buffer (+ gathered hidden rows); <= 256 MiB with the rest
+CHUNKS = "auto"  # gemm backward chunk orientation: "auto", "tokens" or "vocab" (tests force one)
+_SLICE_BYTES = 32 << 20  # float32 temporaries of the GEMM fall-backs (_acc_mm)
+
+
+def bwd_mode() -> str:
+    mode = os.environ.get("REBEL_KERNELS_BWD", "gemm")
+    if mode not in BWD_MODES:
+        raise ValueError(f"REBEL_KERNELS_BWD must be one of {BWD_MODES}, got {mode!r}")
+    return mode
+
+
 def token_logprobs_bwd(g, h2, weight, bias, y, idx, lse, temperature: float,
                        need_dh: bool, need_dw: bool, need_db: bool, config=None):
-    """g, lse: compact [N] float32. Returns float32 (dh [N, H] compact, dw [V, H], db [V]) or None each."""
+    """g, lse: compact [N] float32.  Returns (dh [NT, H] dense in h2's dtype, 0 at ignored rows;
+    dw [V, H] float32; db [V] float32), None for each gradient not needed."""
+    dh = None
+    if need_dh:
+        dh = torch.zeros_like(h2, memory_format=torch.contiguous_format)
+    if bwd_mode() == "atomic":
+        dh_c, dw, db = _bwd_atomic(g, h2, weight, bias, y, idx, lse, temperature, need_dh, need_dw, need_db, config)
+        if need_dh:
+            dh.index_copy_(0, idx, dh_c.to(h2.dtype))
+        return dh, dw, db
+    dw, db = _bwd_gemm(g, h2, weight, bias, y, idx, lse, temperature, dh, need_dw, need_db, config)
+    return dh, dw, db
+
+
+def _bwd_atomic(g, h2, weight, bias, y, idx, lse, temperature: float,
+                need_dh: bool, need_dw: bool, need_db: bool, config=None):
+    """The atomic backward: float32 (dh [N, H] compact, dw [V, H], db [V]) or None each."""
     n = idx.numel()
     vocab, hdim = weight.shape
     dev = h2.device
@@ -240,6 +283,191 @@ def token_logprobs_bwd(g, h2, weight, bias, y, idx, lse, temperature: float,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return dh, dw, db
+
+
+# The gemm backward.  Same gradient as `_bwd_kernel` above, for a token n with label y_n, upstream
+# g_n = dL/dlogp_n, z_n = (h_n W^T + b) / T and lse_n from the forward:
+#   dz[n, v] = g_n * (1[v = y_n] - exp(z[n, v] - lse_n)) / T     float32 in registers, stored once
+#              rounded to the compute dtype (float32 inputs: float32)
+#   dh = dz @ W,   dW = dz^T @ h,   db = sum_n dz[n, :]           (dense GEMMs, float32 accumulation)
+# `_dz_kernel` writes dz for compacted rows [r0, r0 + n_rows) and vocab columns [c0, c0 + n_cols)
+# into a dense [n_rows, n_cols] buffer, and (NEED_DB) the float32 column sums of each token block
+# into dbp [cdiv(n_rows, BLOCK_M), n_cols] (summed afterwards in a fixed order: deterministic).
+@triton.jit
+def _dz_kernel(
+    h_ptr, idx_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr,   # lse, g: compact [N] float32
+    dz_ptr, dbp_ptr,                                       # dz [n_rows, n_cols]; dbp float32
+    r0, n_rows, c0, n_cols, V, H, stride_h, stride_w, inv_temp,
+    HAS_BIAS: tl.constexpr, NEED_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M token blocks sweep the vocab tiles together, for L2 reuse.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(n_rows, BLOCK_M)
+    num_v = tl.cdiv(n_cols, BLOCK_N)
+    per_group = GROUP_M * num_v
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_v = (pid % per_group) // group_rows
+
+    lrows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = lrows < n_rows
+    rows = r0 + lrows
+    src = tl.load(idx_ptr + rows, mask=rmask, other=0)
+    y = tl.load(y_ptr + src, mask=rmask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+    lcols = pid_v * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = lcols < n_cols
+    v0 = c0 + pid_v * BLOCK_N
+    cols = c0 + lcols
+
+    w_desc = _weight_desc(w_ptr, V, H, stride_w, BLOCK_N, BLOCK_K, USE_TMA)
+    z = _scaled_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask, H, stride_h, stride_w,
+                            inv_temp, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
+    p = tl.exp(z - lse[:, None])  # 0 outside the chunk's columns
+    onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
+    dz = (onehot - p) * (g * inv_temp)[:, None]
+    mask = rmask[:, None] & cmask[None, :]
+    dz = tl.where(mask, dz, 0.0)
+    tl.store(dz_ptr + lrows[:, None] * n_cols + lcols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    if NEED_DB:
+        tl.store(dbp_ptr + pid_m * n_cols + lcols, tl.sum(dz, axis=0), mask=cmask)
+
+
+def chunk_plan(n: int, vocab: int, hdim: int, elt: int, gather: bool, block_m: int, block_n: int,
+               budget: int | None = None, chunks: str | None = None):
+    """("tokens", Nc) or ("vocab", Vc): the gemm backward's chunks (see the module doc).
+
+    Token chunks: Nc = budget // (V e) rows, rounded down to a multiple of block_m (at least block_m).
+    Vocab chunks: Vc = (budget - N H e if the valid rows must be gathered) // (N e) columns, rounded
+    down to a multiple of block_n (at least block_n).  "auto" takes the longer chunk (the K of the
+    GEMM that accumulates across chunks: the longer it is, the fewer float32 read-modify-writes of
+    the accumulator), token chunks on a tie.
+    """
+    budget = DZ_BUDGET_BYTES if budget is None else budget
+    chunks = CHUNKS if chunks is None else chunks
+    nc = max(block_m, budget // (vocab * elt) // block_m * block_m)
+    free = budget - (n * hdim * elt if gather else 0)
+    vc = max(block_n, free // (max(n, 1) * elt) // block_n * block_n) if free > 0 else 0
+    if chunks == "tokens" or (chunks == "auto" and min(nc, n) >= min(vc, vocab)):
+        return "tokens", min(nc, n)
+    if chunks not in ("auto", "tokens", "vocab"):
+        raise ValueError(f"CHUNKS must be 'auto', 'tokens' or 'vocab', got {chunks!r}")
+    return "vocab", min(max(vc, block_n), vocab)
+
+
+@functools.cache
+def _lowp_gemm_mode(device: torch.device, dtype: torch.dtype) -> str:
+    """How `_acc_mm` gets float32 results from bf16/fp16 operands on this device:
+    "addmm"  torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  (CUDA, recent torch)
+    "mm"     acc[rows] += torch.mm(a[rows], b, out_dtype=torch.float32), row slices  (CUDA, torch 2.8+)
+    "upcast" acc += a[:, k].float() @ b[k].float(), slices of K  (CPU, the interpreter, older torch)
+    Each CUDA mode is probed once on a small product and kept only if it matches the upcast one."""
+    if device.type != "cuda":
+        return "upcast"
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(64, 48, generator=gen).to(device, dtype)
+    b = torch.randn(48, 32, generator=gen).to(device, dtype)
+    c = torch.randn(64, 32, generator=gen).to(device)
+    want = c + a.float() @ b.float()
+    for mode in ("addmm", "mm"):
+        try:
+            acc = c.clone()
+            if mode == "addmm":
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            else:
+                acc += torch.mm(a, b, out_dtype=torch.float32)
+            if torch.allclose(acc, want, rtol=1e-4, atol=1e-4):
+                return mode
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return "upcast"
+
+
+def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc float32 [M, P], a [M, K], b [K, P] in the compute dtype; products and sums
+    in float32 (bf16/fp16: float32 accumulation and float32 output, never rounded in between)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    mode = _lowp_gemm_mode(a.device, a.dtype)
+    if mode == "addmm":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif mode == "mm":
+        step = max(1, _SLICE_BYTES // (4 * acc.shape[1]))
+        for r in range(0, acc.shape[0], step):
+            acc[r : r + step] += torch.mm(a[r : r + step], b, out_dtype=torch.float32)
+    else:
+        step = max(1, _SLICE_BYTES // (4 * (acc.shape[0] + acc.shape[1])))
+        for k in range(0, a.shape[1], step):
+            acc.addmm_(a[:, k : k + step].float(), b[k : k + step].float())
+
+
+def _bwd_gemm(g, h2, weight, bias, y, idx, lse, temperature: float, dh, need_dw: bool, need_db: bool,
+              config=None):
+    """The gemm backward (see the module doc).  Writes d hidden into `dh` (dense [NT, H], zeros, h2's
+    dtype) when given; returns float32 (dw [V, H] or None, db [V] or None)."""
+    n = idx.numel()
+    vocab, hdim = weight.shape
+    dev, dtype = h2.device, h2.dtype
+    cfg = config or tile_config("bwd", dev, dtype)
+    dw = torch.zeros((vocab, hdim), dtype=torch.float32, device=dev) if need_dw else None
+    db = torch.zeros((vocab,), dtype=torch.float32, device=dev) if need_db else None
+    if n == 0 or not (dh is not None or need_dw or need_db):
+        return dw, db
+    elt = h2.element_size()
+    all_rows = n == h2.shape[0]  # then idx = arange(NT): h2 is the compacted hidden
+    orient, size = chunk_plan(n, vocab, hdim, elt, not all_rows and need_dw, cfg.block_m, cfg.block_n)
+    launch = dict(
+        HAS_BIAS=bias is not None, NEED_DB=need_db,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        DOT_PRECISION=_dot_precision(dtype), UPCAST=_upcast_dot(dtype), USE_TMA=_use_tma(weight, cfg),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    b_arg = bias if bias is not None else weight
+    inv_temp = 1.0 / temperature
+
+    def dz_chunk(r0, n_rows, c0, n_cols):
+        dz = _alloc.empty((n_rows, n_cols), dtype=dtype, device=dev)  # NaN-poisoned in tests: all written
+        dbp = _alloc.empty((triton.cdiv(n_rows, cfg.block_m), n_cols) if need_db else (1,),
+                          dtype=torch.float32, device=dev)
+        grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_cols, cfg.block_n),)
+        _dz_kernel[grid](h2, idx, weight, b_arg, y, lse, g, dz, dbp,
+                         r0, n_rows, c0, n_cols, vocab, hdim, h2.stride(0), weight.stride(0), inv_temp, **launch)
+        if need_db:
+            db[c0 : c0 + n_cols] += dbp.sum(0)
+        return dz
+
+    if orient == "tokens":
+        for r0 in range(0, n, size):
+            rows = idx[r0 : r0 + size]
+            dz = dz_chunk(r0, rows.numel(), 0, vocab)
+            if dh is not None:
+                dh_c = torch.zeros((rows.numel(), hdim), dtype=torch.float32, device=dev)
+                _acc_mm(dh_c, dz, weight)
+                dh.index_copy_(0, rows, dh_c.to(dtype))
+                del dh_c
+            if need_dw:
+                _acc_mm(dw, dz.T, h2.index_select(0, rows))
+            del dz
+    else:
+        h_c = h2 if all_rows else (h2.index_select(0, idx) if need_dw else None)
+        dh_acc = torch.zeros((n, hdim), dtype=torch.float32, device=dev) if dh is not None else None
+        for c0 in range(0, vocab, size):
+            n_cols = min(size, vocab - c0)
+            dz = dz_chunk(0, n, c0, n_cols)
+            if dh_acc is not None:
+                _acc_mm(dh_acc, dz, weight[c0 : c0 + n_cols])
+            if need_dw:
+                _acc_mm(dw[c0 : c0 + n_cols], dz.T, h_c)
+            del dz
+        del h_c
+        if dh is not None:
+            dh.index_copy_(0, idx, dh_acc.to(dtype))
+    return dw, db
 
 
 # ----------------------------------------------------------------------------------------------
