@@ -76,7 +76,7 @@ def build(cfg: config_mod.TrainConfig) -> Run:
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.run_dir, exist_ok=True)
     ckpt = Checkpointer(cfg.run_dir, keep=cfg.checkpoint.keep)
-    start = ckpt.latest()
+    start = ckpt.latest_verified()  # the newest checkpoint whose files match its manifest
     changes = check_resume_config(cfg, ckpt, start)  # before anything is loaded or written
     if d.is_main:
         write_text_atomically(os.path.join(cfg.run_dir, "config.json"), config_mod.to_json(cfg))

@@ -19,14 +19,19 @@ On disk, one directory per checkpoint:
         config.json                    the run's resolved config (a resume compares it with its own)
 
 Every rank calls save/load/export_hf (they are collectives under FSDP2); without a process group the same
-code runs in one plain process. A checkpoint is written into `.tmp-step_XXXXXXXX` and renamed by rank 0 once
-every rank has finished, so a `step_*` directory that exists is complete; `.tmp-*` leftovers of a killed
-run are ignored and deleted by the next save. Multi-node runs need run_dir on a shared filesystem.
+code runs in one plain process. A checkpoint is written into `.tmp-step_XXXXXXXX`; rank 0 then writes
+manifest.json (size and SHA-256 of every file, atomically, last) and renames the directory once every rank
+has finished, so a `step_*` directory that exists is complete. A resume (`latest_verified`) checks the newest
+against its manifest and falls back to the newest one that verifies, leaving corrupt ones in place;
+`.tmp-*` leftovers of a killed run are ignored and deleted by the next save. Multi-node runs need run_dir
+on a shared filesystem.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -49,6 +54,17 @@ from torch.distributed.tensor import DTensor
 _STEP = re.compile(r"step_(\d{8})")
 _TMP_PREFIX = ".tmp-"
 CONFIG_FILE = "config.json"
+MANIFEST = "manifest.json"
+_CORRUPT_SUFFIX = ".corrupt"
+log = logging.getLogger("rebel")
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of the run directory can be resumed from."""
+
+
+class NonFiniteWeights(ValueError):
+    """The weights to export hold NaN or infinite values: nothing is exported."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +131,27 @@ def write_text_atomically(path: str, text: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest(directory: str, iteration: int) -> dict:
+    """Size and SHA-256 of every file of a checkpoint directory (written last: a checkpoint whose files
+    do not match it is corrupt)."""
+    files = {}
+    for base, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(base, name)
+            rel = os.path.relpath(path, directory)
+            if rel != MANIFEST:
+                files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    return {"iteration": iteration, "files": dict(sorted(files.items()))}
+
+
 def _load_file(path: str) -> Any:
     # Our own files; they hold numpy RNG states and arbitrary picklable counters, hence weights_only=False.
     return torch.load(path, map_location="cpu", weights_only=False)
@@ -143,6 +180,7 @@ class Checkpointer:
             raise ValueError(f"keep must be an int >= 1, got {keep!r}")
         self.root = os.path.join(os.fspath(run_dir), "checkpoints")
         self.keep = keep
+        self.corrupt: set[str] = set()  # checkpoints found corrupt by latest_verified: never pruned
 
     def path(self, iteration: int) -> str:
         return os.path.join(self.root, f"step_{iteration:08d}")
@@ -191,7 +229,9 @@ class Checkpointer:
         _barrier()  # every rank's files are in tmp
 
         if rank == 0:
-            _fsync_dir(tmp)
+            write_text_atomically(os.path.join(tmp, MANIFEST), json.dumps(_manifest(tmp, iteration), indent=1))
+            if os.path.isdir(final) and final in self.corrupt:  # kept for inspection, never deleted
+                os.rename(final, f"{final}{_CORRUPT_SUFFIX}-{os.getpid()}")
             _replace_dir(tmp, final)  # nothing is written into `final` after this
             self._prune()
         _barrier()  # on return, every rank sees the new checkpoint and latest() agrees
@@ -217,6 +257,59 @@ class Checkpointer:
                 raise ValueError(f"checkpoint {path} has no scheduler state, but a scheduler was passed")
             scheduler.load_state_dict(_load_file(sched_path))
         return _load_file(self._extra_path(path))
+
+    def verify(self, iteration: int) -> str | None:
+        """None when the checkpoint's files match its manifest (sizes and SHA-256); else what is wrong.
+        A checkpoint without a manifest (an earlier release's) passes with a warning."""
+        path = self.path(iteration)
+        manifest_path = os.path.join(path, MANIFEST)
+        if not os.path.exists(manifest_path):
+            log.warning("checkpoint %s has no %s (an earlier release's): not verified", path, MANIFEST)
+            return None
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                files = json.load(f)["files"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return f"unreadable {MANIFEST} ({err})"
+        for name, want in sorted(files.items()):
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                return f"{name} is missing"
+            size = os.path.getsize(file)
+            if size != want["size"]:
+                return f"{name} has {size} bytes, the manifest says {want['size']}"
+            if _sha256(file) != want["sha256"]:
+                return f"{name} does not match its SHA-256 checksum"
+        return None
+
+    def latest_verified(self) -> int | None:
+        """The newest checkpoint that verifies (a collective: rank 0 checks, every rank gets the answer).
+        Corrupt newer ones are named in a warning and left in place; None when there is no checkpoint;
+        CheckpointError when there are checkpoints and none verifies."""
+        answer: list = [None, []]
+        if _rank() == 0:
+            bad = []
+            for iteration in reversed(self.iterations()):
+                problem = self.verify(iteration)
+                if problem is None:
+                    answer[0] = iteration
+                    break
+                bad.append((iteration, problem))
+                log.warning("checkpoint %s is corrupt (%s): left in place, trying the previous one",
+                            self.path(iteration), problem)
+            answer[1] = bad
+        if _distributed():
+            dist.broadcast_object_list(answer, src=0)
+        start, bad = answer
+        self.corrupt = {self.path(it) for it, _ in bad}
+        if start is None and bad:
+            listed = "; ".join(f"step_{it:08d}: {problem}" for it, problem in bad)
+            raise CheckpointError(f"no checkpoint in {self.root} verifies ({listed}); they are left in place. "
+                                  f"Move them away to start afresh, or use a new run directory")
+        if bad and start is not None:
+            log.warning("resuming from %s instead of the corrupt %s", self.path(start),
+                        ", ".join(f"step_{it:08d}" for it, _ in bad))
+        return start
 
     def saved_config(self, iteration: int) -> str | None:
         """The resolved config (JSON) stored with a checkpoint, None for a checkpoint without one."""
@@ -253,7 +346,9 @@ class Checkpointer:
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
     def _prune(self) -> None:
-        for iteration in self.iterations()[:-self.keep]:
+        """The newest `keep` good checkpoints stay; corrupt ones are neither counted nor deleted."""
+        good = [it for it in self.iterations() if self.path(it) not in self.corrupt]
+        for iteration in good[:-self.keep]:
             shutil.rmtree(self.path(iteration), ignore_errors=True)
 
 
@@ -333,6 +428,13 @@ def export_hf(model: torch.nn.Module, tokenizer: Any | None, path: str, save: An
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state_dict = model.state_dict()
+    bad = [[key for key, value in state_dict.items() if isinstance(value, torch.Tensor)
+            and value.is_floating_point() and not bool(torch.isfinite(value).all())]] if _rank() == 0 else [None]
+    if _distributed():
+        dist.broadcast_object_list(bad, src=0)
+    if bad[0]:
+        raise NonFiniteWeights(f"export to {path} refused: non-finite values in {len(bad[0])} tensor(s): "
+                               f"{', '.join(bad[0][:5])}{' ...' if len(bad[0]) > 5 else ''}")
     if _rank() == 0:
         path = os.path.abspath(os.fspath(path))
         parent, name = os.path.split(path)

@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # `python engine/train.py` / `torchrun engine/tra
 from engine import config as config_mod
 from engine import loop
 from engine.build import ConfigChanged, build
+from engine.checkpoint import CheckpointError, NonFiniteWeights
 
 
 def parse_args(argv: list[str]) -> config_mod.TrainConfig:
@@ -57,7 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigChanged as err:
         print(f"engine/train.py: {err}", file=sys.stderr)
         sys.exit(2)
-    loop.run(run)
+    except CheckpointError as err:
+        print(f"engine/train.py: {err}", file=sys.stderr)
+        sys.exit(1)
+    try:
+        loop.run(run)
+    except NonFiniteWeights as err:
+        print(f"engine/train.py: {err}", file=sys.stderr)
+        sys.exit(1)
     if run.failure:
         print(f"engine/train.py: {run.failure}", file=sys.stderr)
         sys.exit(1)

@@ -278,3 +278,64 @@ def test_fsdp2_gloo_resume_and_export(tmp_path):
     assert wrapped.state_dict().keys() == reference.keys()
     for name, p in reference.items():
         assert torch.equal(wrapped.state_dict()[name], p), name
+
+
+# ----------------------------------------------------------------------------------------------
+# corrupt checkpoints: manifest, fallback, clear error; finite export
+# ----------------------------------------------------------------------------------------------
+def _truncate(path):
+    shard = next(p for p in path.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def _garbage_metadata(path):
+    (path / ".metadata").write_bytes(b"garbage")
+
+
+def _missing_extra(path):
+    (path / "extra_rank0.pt").unlink()
+
+
+def _flipped_bytes(path):
+    shard = next(p for p in path.iterdir() if p.suffix == ".distcp")
+    raw = bytearray(shard.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 16):
+        raw[i] ^= 0xFF
+    shard.write_bytes(bytes(raw))  # same size
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _garbage_metadata, _missing_extra, _flipped_bytes])
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, corrupt, caplog):
+    from engine.checkpoint import MANIFEST, CheckpointError
+
+    model = _llama(seed=0)
+    optimizer, scheduler = _optim(model)
+    ckpt = Checkpointer(str(tmp_path), keep=2)
+    for it in (1, 2):
+        ckpt.save(it, model=model, optimizer=optimizer, scheduler=scheduler, extra={"it": it})
+    root = tmp_path / "checkpoints"
+    assert (root / "step_00000002" / MANIFEST).exists() and ckpt.verify(2) is None
+    corrupt(root / "step_00000002")
+    with caplog.at_level("WARNING", logger="rebel"):
+        assert ckpt.latest_verified() == 1
+    assert "step_00000002 is corrupt" in caplog.text
+    assert (root / "step_00000002").is_dir()  # never deleted
+    assert ckpt.load(1, model=model, optimizer=optimizer, scheduler=scheduler) == {"it": 1}
+    # the next saves do not prune the good one in favour of the corrupt one, nor delete the corrupt one
+    ckpt.save(3, model=model, optimizer=optimizer, scheduler=scheduler, extra={"it": 3})
+    assert {"step_00000001", "step_00000002", "step_00000003"} <= set(os.listdir(root))
+    corrupt(root / "step_00000001")
+    corrupt(root / "step_00000003")
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* verifies \(step_00000003: .*step_00000001: "):
+        ckpt.latest_verified()
+
+
+def test_export_refuses_non_finite_weights(tmp_path):
+    from engine.checkpoint import NonFiniteWeights
+
+    model = _llama(seed=0)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeights, match=r"non-finite values in 1 tensor\(s\): model.layers.1.mlp.up_proj"):
+        export_hf(model, None, str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()

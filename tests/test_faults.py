@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine import config as C
 from engine import rewards
 
 
@@ -65,9 +66,7 @@ def test_preference_output_is_checked_and_names_the_function():
 
 
 def test_configured_reward_function_is_named_by_its_import_path():
-    from engine.config import RewardConfig
-
-    fn = rewards.build_reward(RewardConfig(function="test_faults:returns_none"), default=None, device="cpu")
+    fn = rewards.build_reward(C.RewardConfig(function="test_faults:returns_none"), default=None, device="cpu")
     with pytest.raises(TypeError, match="test_faults:returns_none"):
         rewards.score(fn, ["1"], ["2"], "cpu")
 
@@ -78,8 +77,6 @@ def test_configured_reward_function_is_named_by_its_import_path():
 def small_cfg(run_dir, **sections):
     import dataclasses
 
-    from engine import config as C
-
     base = C.TrainConfig(run_dir=str(run_dir), train=C.TrainingConfig(prompts_per_iteration=8, micro_batch_prompts=4,
                                                                       num_epochs=1),
                          optim=C.OptimConfig(iterations=1, lr=1e-3),
@@ -89,8 +86,6 @@ def small_cfg(run_dir, **sections):
 
 
 def _override(cfg, *pairs):
-    from engine import config as C
-
     return C.apply_overrides(cfg, list(pairs))
 
 
@@ -123,3 +118,18 @@ def test_resume_with_a_changed_config_stops_and_lists_the_fields(tmp_path):
     assert r.scheduler.base_lrs == [0.002] and r.optimizer.param_groups[0]["initial_lr"] == 0.002
     assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 0.002
     assert not [n for n in os.listdir(tmp_path) if n.startswith("config.json.")]  # atomic write left no temp
+
+
+def test_a_run_resumes_from_the_newest_checkpoint_that_verifies(tmp_path, caplog):
+    from engine.build import build
+    from engine.train import train
+
+    cfg = small_cfg(tmp_path, optim=C.OptimConfig(iterations=2))
+    train(cfg)
+    shard = next((tmp_path / "checkpoints" / "step_00000001").glob("*.distcp"))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING", logger="rebel"):
+        r = build(_override(cfg, ("optim.iterations", "2")))
+    assert r.resume_from == 0 and "step_00000001 is corrupt" in caplog.text
