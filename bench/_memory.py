@@ -4,10 +4,15 @@ CUDA: in process, torch.cuda peak statistics.  op_peak_bytes = peak allocated du
 minus what was allocated just before it (inputs, parameters); abs_peak_bytes = the peak itself.
 
 CPU: in a fresh Python process (one per measurement), so that nothing the benchmark process
-did before (other providers, allocator caches) is counted.  The child builds the inputs, runs
-one tiny warm-up call of the op (libraries, kernels and thread pools loaded), reads its
-current RSS from /proc/self/statm, runs the op once and reads its peak RSS:
-op_peak_bytes = peak RSS after the op - RSS just before it.
+did before (other providers, allocator caches) is counted.  The child runs one tiny warm-up call
+of the op (libraries, kernels and thread pools loaded), builds the inputs, reads its current RSS
+from /proc/self/statm (the baseline: inputs allocated, before the first call at this shape), then
+runs the op twice, dropping each call's output, and reads its peak RSS:
+op_peak_bytes = peak RSS over both calls - the baseline.  Counting from before the first call
+(not the growth during the second one) keeps whatever the first call left resident (caches,
+heap that was not returned) in the number.  The second, warm call is timed (warm_call_s).
+grad_bytes is the size of what one call returns (the gradients of hidden and weight, or the
+log-probabilities), which op_peak_bytes includes.
 
 Peak RSS is the kernel's per-process high-water mark (VmHWM in /proc/self/status, reset to the
 current RSS just before the op through /proc/self/clear_refs).  getrusage's ru_maxrss reads
@@ -31,6 +36,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -89,7 +95,8 @@ def measure_rss_growth(fn) -> dict:
 
 
 def measure_cpu_op_memory(case_name: str, provider: str, mode: str, *, timeout: float = 1800) -> dict:
-    """RSS growth of one call of (case, provider, mode), measured in a fresh Python process."""
+    """Peak RSS of two calls of (case, provider, mode) above the RSS before the first, measured in a
+    fresh Python process (`case_name`: a name in bench/_cases.py, or a JSON object of Case fields)."""
     from bench._environment import REPO_ROOT
 
     code = ("import sys; sys.path.insert(0, sys.argv[1]); "
@@ -104,21 +111,48 @@ def measure_cpu_op_memory(case_name: str, provider: str, mode: str, *, timeout: 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def measure_rss_two_calls(step) -> dict:
+    """Peak RSS over a first and a second call of step() above the RSS before the first (see the
+    module doc); the second call is timed.  Call it in a fresh process after the inputs are built."""
+    gc.collect()
+    before = current_rss_bytes()
+    maxrss_before = ru_maxrss_bytes()
+    hwm_reset = reset_peak_rss()
+    t0 = time.perf_counter()
+    out = step()
+    first_s = time.perf_counter() - t0
+    out_bytes = sum(t.numel() * t.element_size() for t in (out if isinstance(out, tuple | list) else (out,)))
+    del out
+    t0 = time.perf_counter()
+    out = step()
+    warm_s = time.perf_counter() - t0
+    peak = peak_rss_bytes() if hwm_reset else ru_maxrss_bytes()
+    del out
+    return dict(
+        op_peak_bytes=max(0, peak - before), abs_peak_bytes=peak, rss_before_bytes=before,
+        ru_maxrss_bytes=ru_maxrss_bytes(), ru_maxrss_before_bytes=maxrss_before,
+        peak_source="VmHWM" if hwm_reset else "ru_maxrss", grad_bytes=out_bytes,
+        first_call_s=first_s, warm_call_s=warm_s, calls=2, counted_from="before the first call",
+    )
+
+
 def _child_main(argv) -> None:
-    from bench._cases import CASES_BY_NAME, input_bytes, make_inputs
+    from bench._cases import CASES_BY_NAME, Case, input_bytes, make_inputs
     from bench._providers import make_step
 
     case_name, provider, mode = argv
-    case = CASES_BY_NAME[case_name]
+    # A case name, or a JSON object of Case fields (a shape outside bench/_cases.py's CASES).
+    case = Case(**json.loads(case_name)) if case_name.startswith("{") else CASES_BY_NAME[case_name]
     grad = mode == "fwdbwd"
     # One tiny call first: same provider, mode, dtype and H; 2 rows of 4 positions, a small vocab.
     tiny = dataclasses.replace(case, rows=2, seq=4, vocab=min(case.vocab, 256))
     make_step(provider, mode, make_inputs(tiny, requires_grad=grad), case.device, temperature=case.temperature)()
     inputs = make_inputs(case, requires_grad=grad)
     step = make_step(provider, mode, inputs, case.device, temperature=case.temperature)
-    result = measure_rss_growth(step)
+    result = measure_rss_two_calls(step)
     result["input_bytes"] = input_bytes(inputs)
     result["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    result["torch_num_threads"] = torch.get_num_threads()
     print(json.dumps(result))
 
 

@@ -30,6 +30,11 @@ def _rows(hidden: Tensor) -> Tensor:
     return h2 if h2.stride(-1) == 1 else h2.contiguous()
 
 
+def _take(t: Tensor, idx: Tensor) -> Tensor:
+    """t's rows at idx (the compacted valid tokens); t itself when every row is valid (no copy)."""
+    return t if idx.numel() == t.shape[0] else t.index_select(0, idx)
+
+
 def _scatter(values: Tensor, idx: Tensor, shape, dtype) -> Tensor:
     """A dense tensor of `shape` (not a view: FSDP2 hooks module outputs) with `values` at flat `idx`, 0 elsewhere."""
     out = _alloc.empty(shape, dtype=dtype, device=values.device).zero_()
@@ -58,7 +63,7 @@ def token_logprobs(
         )
     else:
         logp_c, lse_c, ent_c = torch_impl.token_logprobs_fwd(
-            h2.index_select(0, idx), weight, bias, y.index_select(0, idx), temperature, return_entropy
+            _take(h2, idx), weight, bias, _take(y, idx), temperature, return_entropy
         )
         dtype = _out_dtype(hidden)
         logp, lse = _scatter(logp_c, idx, shape, dtype), _scatter(lse_c, idx, shape, dtype)
@@ -92,10 +97,13 @@ def token_logprobs_backward(
         )
     else:
         dh_c, dw, db = torch_impl.token_logprobs_bwd(
-            g, h2.index_select(0, idx), weight, bias, y.index_select(0, idx), lse_c,
-            temperature, need_dh, need_dw, need_db,
+            g, _take(h2, idx), weight, bias, _take(y, idx), lse_c, temperature, need_dh, need_dw, need_db,
         )
-        dh = torch.zeros_like(h2).index_copy_(0, idx, dh_c.to(hidden.dtype)) if need_dh else None
+        dh = None
+        if need_dh and idx.numel() == h2.shape[0] and dh_c.dtype == hidden.dtype:
+            dh = dh_c  # every row valid: the compacted gradient is the dense one
+        elif need_dh:
+            dh = torch.zeros_like(h2).index_copy_(0, idx, dh_c.to(hidden.dtype))
     empty = hidden.new_empty(0)
     dh = dh.view(hidden.shape) if need_dh else empty
     dw = dw.to(weight.dtype) if need_dw else empty.clone()

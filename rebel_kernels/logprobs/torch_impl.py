@@ -3,52 +3,65 @@ tensors).
 
 It works on the compacted valid tokens only and walks them in blocks of `TOKEN_CHUNK` rows and
 the vocabulary in blocks of `VOCAB_CHUNK` columns, with an online log-sum-exp, so the largest
-temporary is a [TOKEN_CHUNK, VOCAB_CHUNK] float32 tile, never [tokens, vocab]. The backward
-recomputes each tile of logits from the saved log-sum-exp.
+temporary is one [TOKEN_CHUNK, VOCAB_CHUNK] float32 tile (2 MiB), never [tokens, vocab]. Each tile
+is transformed in place (one tile alive at a time); the backward recomputes it from the saved
+log-sum-exp, turns it into dz in place and accumulates d hidden and d weight into their float32
+buffers with addmm_ (no [chunk, H] or [tile, H] temporaries).
 """
 from __future__ import annotations
 
 import torch
 
-TOKEN_CHUNK = 1024
-VOCAB_CHUNK = 4096
+TOKEN_CHUNK = 512
+VOCAB_CHUNK = 1024
+
+
+def _acc_dtype(h: torch.Tensor) -> torch.dtype:
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
 def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, inv_temp: float):
-    """z = (h @ w.T + b) / T in float32 (float64 for float64 inputs).  h [n, H], w [v, H] -> [n, v]."""
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    z = h.to(acc) @ w.to(acc).T
+    """z = (h @ w.T + b) / T in float32 (float64 for float64 inputs), a fresh tensor.
+    h [n, H], w [v, H] already in the accumulation dtype -> [n, v]."""
+    z = torch.mm(h, w.T)
     if b is not None:
-        z = z + b.to(acc)
-    return z * inv_temp
+        z.add_(b)
+    if inv_temp != 1.0:
+        z.mul_(inv_temp)
+    return z
 
 
 def token_logprobs_fwd(h, w, b, labels, temperature: float, with_entropy: bool):
     """Compacted rows h [N, H] with labels [N] in [0, V) -> (logp [N], lse [N], entropy [N] or None)."""
     inv_temp = 1.0 / temperature
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(h)
     n, vocab = h.shape[0], w.shape[0]
     logp = torch.empty(n, dtype=acc, device=h.device)
     lse = torch.empty(n, dtype=acc, device=h.device)
     entropy = torch.empty(n, dtype=acc, device=h.device) if with_entropy else None
     for r0 in range(0, n, TOKEN_CHUNK):
-        hc, yc = h[r0 : r0 + TOKEN_CHUNK], labels[r0 : r0 + TOKEN_CHUNK]
+        hc, yc = h[r0 : r0 + TOKEN_CHUNK].to(acc), labels[r0 : r0 + TOKEN_CHUNK]
         m = torch.full((hc.shape[0],), float("-inf"), dtype=acc, device=h.device)
         s = torch.zeros_like(m)  # sum exp(z - m)
         sz = torch.zeros_like(m)  # sum exp(z - m) * z, for the entropy
         target = torch.zeros_like(m)
         for v0 in range(0, vocab, VOCAB_CHUNK):
-            z = _logits_tile(hc, w[v0 : v0 + VOCAB_CHUNK], None if b is None else b[v0 : v0 + VOCAB_CHUNK], inv_temp)
+            bv = None if b is None else b[v0 : v0 + VOCAB_CHUNK].to(acc)
+            z = _logits_tile(hc, w[v0 : v0 + VOCAB_CHUNK].to(acc), bv, inv_temp)
             local = yc - v0
             hit = (local >= 0) & (local < z.shape[1])
             target += torch.where(hit, z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
             m_new = torch.maximum(m, z.amax(1))
             alpha = torch.exp(m - m_new)
-            e = torch.exp(z - m_new[:, None])
-            s = s * alpha + e.sum(1)
             if with_entropy:
-                sz = sz * alpha + (e * z).sum(1)
+                e = torch.exp(z - m_new[:, None])
+                sz = sz * alpha + torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)
+                s = s * alpha + e.sum(1)
+                del e
+            else:
+                s = s * alpha + z.sub_(m_new[:, None]).exp_().sum(1)  # z is spent
             m = m_new
+            del z
         lse_c = m + torch.log(s)
         lse[r0 : r0 + TOKEN_CHUNK] = lse_c
         logp[r0 : r0 + TOKEN_CHUNK] = target - lse_c
@@ -62,32 +75,34 @@ def token_logprobs_bwd(grad, h, w, b, labels, lse, temperature: float, need_dh: 
 
     d logp_n / d z_n = onehot(y_n) - softmax(z_n), z = (h W^T + b) / T, so with
     dz_n = grad_n * (onehot(y_n) - p_n) / T:  dh = dz W,  dW = dz^T h,  db = sum_n dz_n.
-    Accumulated in float32 (float64 for float64 inputs); returned in float32/float64.
+    Accumulated in float32 (float64 for float64 inputs) buffers, in place; returned in that dtype.
     """
     inv_temp = 1.0 / temperature
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(h)
     n, vocab = h.shape[0], w.shape[0]
     dh = torch.zeros(h.shape, dtype=acc, device=h.device) if need_dh else None
     dw = torch.zeros(w.shape, dtype=acc, device=h.device) if need_dw else None
     db = torch.zeros(vocab, dtype=acc, device=h.device) if need_db else None
     for r0 in range(0, n, TOKEN_CHUNK):
-        hc, yc = h[r0 : r0 + TOKEN_CHUNK], labels[r0 : r0 + TOKEN_CHUNK]
-        gc, lc = grad[r0 : r0 + TOKEN_CHUNK].to(acc), lse[r0 : r0 + TOKEN_CHUNK]
-        hc_acc = hc.to(acc)
+        hc, yc = h[r0 : r0 + TOKEN_CHUNK].to(acc), labels[r0 : r0 + TOKEN_CHUNK]
+        gc, lc = grad[r0 : r0 + TOKEN_CHUNK].to(acc) * inv_temp, lse[r0 : r0 + TOKEN_CHUNK]
+        rows = torch.arange(hc.shape[0], device=h.device)
         for v0 in range(0, vocab, VOCAB_CHUNK):
-            wv = w[v0 : v0 + VOCAB_CHUNK]
-            z = _logits_tile(hc, wv, None if b is None else b[v0 : v0 + VOCAB_CHUNK], inv_temp)
-            dz = torch.exp(z - lc[:, None]).neg_()  # -p
+            wv = w[v0 : v0 + VOCAB_CHUNK].to(acc)
+            bv = None if b is None else b[v0 : v0 + VOCAB_CHUNK].to(acc)
+            dz = _logits_tile(hc, wv, bv, inv_temp)
+            dz.sub_(lc[:, None]).exp_().neg_()  # -p
             local = yc - v0
-            hit = ((local >= 0) & (local < z.shape[1])).nonzero().squeeze(1)
-            dz[hit, local[hit]] += 1.0  # onehot - p
-            dz *= (gc * inv_temp)[:, None]
+            hit = (local >= 0) & (local < dz.shape[1])
+            dz[rows[hit], local[hit]] += 1.0  # onehot - p
+            dz.mul_(gc[:, None])
             if need_dh:
-                dh[r0 : r0 + TOKEN_CHUNK] += dz @ wv.to(acc)
+                dh[r0 : r0 + TOKEN_CHUNK].addmm_(dz, wv)
             if need_dw:
-                dw[v0 : v0 + VOCAB_CHUNK] += dz.T @ hc_acc
+                dw[v0 : v0 + VOCAB_CHUNK].addmm_(dz.T, hc)
             if need_db:
                 db[v0 : v0 + VOCAB_CHUNK] += dz.sum(0)
+            del dz
     return dh, dw, db
 
 
