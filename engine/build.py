@@ -64,6 +64,8 @@ class Run:
     optimizer_steps: int | None = 0
     config_changes: list = dataclasses.field(default_factory=list)  # (key, old, new) accepted on resume
     failure: str | None = None  # set by the loop when the run ended without its purpose (exit status 1)
+    interrupted: int | None = None  # the signal that stopped the run (SIGTERM / SIGINT), set by the loop
+    seconds: dict = dataclasses.field(default_factory=dict)  # the last iteration's and save's durations
 
 
 def build(cfg: config_mod.TrainConfig) -> Run:

@@ -89,6 +89,9 @@ class CheckpointConfig:
     # A resume whose config differs from the checkpoint's in a field that changes the trajectory (lr,
     # iterations, seed, data, model, ...) stops and lists them; true accepts the new values.
     allow_config_change: bool = False
+    # SIGTERM / SIGINT: a checkpoint is on disk within this many seconds (torchrun kills ~30 s after
+    # SIGTERM): the current iteration is finished only if it fits, else the last completed one is saved.
+    stop_grace_s: float = 15.0
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -152,6 +155,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{key} must be > 0, got {value!r}")
     for key, value in {"reward.kl_coef": cfg.reward.kl_coef, "optim.weight_decay": cfg.optim.weight_decay,
                        "optim.warmup_iterations": cfg.optim.warmup_iterations, "checkpoint.every": cfg.checkpoint.every,
+                       "checkpoint.stop_grace_s": cfg.checkpoint.stop_grace_s,
                        "model.train_top_layers": cfg.model.train_top_layers}.items():
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{key} must be >= 0, got {value!r}")

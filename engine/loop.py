@@ -26,38 +26,115 @@ log = logging.getLogger("rebel")
 
 
 class _Stop:
-    """SIGTERM: finish the current iteration, write a checkpoint, exit."""
+    """SIGTERM / SIGINT: a checkpoint on disk within checkpoint.stop_grace_s, then exit 128 + signal.
 
-    requested = False
+    The current iteration is finished when it and its checkpoint are expected to fit in the grace (from
+    the previous iteration's times); otherwise it is abandoned before its first optimizer step (the
+    weights are untouched up to there) and the last completed iteration is checkpointed. Once the update
+    has begun the iteration is finished. A second signal kills the process at once (the checkpoint on
+    disk is always complete: atomic rename)."""
+
+    signum: int | None = None
+    at = 0.0
+    previous: dict = {}
 
     @classmethod
     def install(cls):
-        signal.signal(signal.SIGTERM, lambda *_: setattr(cls, "requested", True))
+        cls.signum, cls.at = None, 0.0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            cls.previous[sig] = signal.signal(sig, cls._handle)
+
+    @classmethod
+    def uninstall(cls):
+        for sig, handler in cls.previous.items():
+            signal.signal(sig, handler)
+        cls.previous = {}
+
+    @classmethod
+    def _handle(cls, signum, frame):
+        cls.signum, cls.at = signum, time.monotonic()
+        signal.signal(signum, signal.SIG_DFL)  # a second one is not caught
+
+    @classmethod
+    def requested(cls, d: parallel.Dist) -> bool:
+        """Whether any rank was signalled (a collective under torchrun: every rank decides alike)."""
+        if not d.sharded:
+            return cls.signum is not None
+        flag = torch.tensor(float(cls.signum is not None), device=d.device)
+        return parallel.all_reduce(flag, d, op=torch.distributed.ReduceOp.MAX).item() > 0
+
+
+class _Abandon(Exception):
+    """Raised before the update when the interrupted iteration cannot finish within the grace."""
 
 
 def run(r: Run) -> dict:
     """Train from the last checkpoint (or from scratch) to `optim.iterations`; returns the last
     iteration's metrics. When every update was skipped (non-finite rewards, preferences or losses) no
-    weight changed: no export is written and `r.failure` says so (the command line exits 1)."""
+    weight changed: no export is written and `r.failure` says so (the command line exits 1). After
+    SIGTERM / SIGINT, `r.interrupted` holds the signal number (the command line exits 128 + it)."""
     _Stop.install()
     first = resume(r)
-    last = {}
+    last, saved = {}, r.resume_from
     for it in range(first, r.cfg.optim.iterations):
-        last = iteration(r, it)
+        if it == first and _Stop.requested(r.dist):  # signalled while building or resuming
+            break
+        start = _resume_point(r)
+        try:
+            last = iteration(r, it)
+        except _Abandon:
+            r.timer.pop()
+            log.warning("signal %s: iteration %d abandoned (it would not finish within checkpoint.stop_grace_s=%s)",
+                        _Stop.signum, it, r.cfg.checkpoint.stop_grace_s)
+            if it > 0 and saved != it - 1:
+                save(r, it - 1, extra=start)
+                saved = it - 1
+            break
         final = it == r.cfg.optim.iterations - 1
         every = r.cfg.checkpoint.every
-        if _Stop.requested or final or (every and (it + 1) % every == 0):
+        stop = _Stop.requested(r.dist)
+        if stop or final or (every and (it + 1) % every == 0):
+            t_save = time.perf_counter()
             save(r, it)
-        if _Stop.requested:
-            log.warning("SIGTERM: checkpoint written at iteration %d, exiting", it)
+            saved, r.seconds["save"] = it, time.perf_counter() - t_save
+        if stop:
             break
-    untrained = first < r.cfg.optim.iterations and r.optimizer_steps == 0 and not _Stop.requested
-    finish(r, export=not untrained)
+    interrupted = _Stop.requested(r.dist)
+    _Stop.uninstall()
+    if interrupted:
+        r.interrupted = int(_Stop.signum or signal.SIGTERM)
+        log.warning("interrupted by signal %d: checkpoint of iteration %s on disk, exiting without the final export",
+                    r.interrupted, saved)
+    untrained = first < r.cfg.optim.iterations and r.optimizer_steps == 0 and not interrupted
+    finish(r, export=not (untrained or interrupted))
     if untrained:
         r.failure = (f"every update was skipped ({r.counters['skipped_batches']} skipped: non-finite rewards, "
                      f"preferences or losses, see the warnings above); nothing was trained and no export was written")
         log.error(r.failure)
     return last
+
+
+def _resume_point(r: Run) -> dict:
+    """What a checkpoint of the previous iteration holds besides the weights: taken before an iteration
+    draws from the prompt order or any RNG, so that an abandoned iteration leaves no trace."""
+    return {"order": r.order.state_dict(), "counters": dict(r.counters),
+            "rng": rng_state(r.sample_generator, r.shuffle_generator), "optimizer_steps": r.optimizer_steps}
+
+
+def _check_stop(r: Run, t_iter: float) -> None:
+    """Before the update: abandon the iteration if a signal came and it would not finish in the grace."""
+    if not _Stop.requested(r.dist):
+        return
+    grace = r.cfg.checkpoint.stop_grace_s
+    since = time.monotonic() - _Stop.at if _Stop.signum is not None else 0.0
+    previous = r.seconds.get("iteration")
+    left = None if previous is None else previous - (time.perf_counter() - t_iter) + r.seconds.get("save", 0.0)
+    abandon = float(left is None or since + left > grace)
+    if r.dist.sharded:  # every rank decides alike
+        abandon = parallel.all_reduce(torch.tensor(abandon, device=r.dist.device), r.dist,
+                                      op=torch.distributed.ReduceOp.MAX).item()
+    if abandon:
+        raise _Abandon
 
 
 def iteration(r: Run, it: int) -> dict:
@@ -71,6 +148,7 @@ def iteration(r: Run, it: int) -> dict:
     r.progress.phase("generate")
     batch, stats = iteration_batch(r)
     r.progress.phase("update")
+    _check_stop(r, t_iter)
     if feedback_is_finite(batch, d):
         with r.timer("update"):
             stats.update(update(r, batch))
@@ -79,7 +157,7 @@ def iteration(r: Run, it: int) -> dict:
         r.counters["skipped_batches"] += 1
     stats.update(r.timer.pop())
     stats.update(r.counters)
-    stats["time/iteration"] = time.perf_counter() - t_iter
+    stats["time/iteration"] = r.seconds["iteration"] = time.perf_counter() - t_iter
     stats["memory/peak_gib"] = (torch.cuda.max_memory_allocated() / 2**30 if d.device.type == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     r.metrics.log(it, stats)
@@ -113,11 +191,10 @@ def _reschedule(r: Run) -> None:
         group["weight_decay"], group["eps"] = r.cfg.optim.weight_decay, r.cfg.optim.adam_eps
 
 
-def save(r: Run, it: int) -> None:
-    """A resumable checkpoint after iteration `it`: weights, optimizer, scheduler, data position, RNGs."""
-    extra = {"order": r.order.state_dict(), "counters": dict(r.counters),
-             "rng": rng_state(r.sample_generator, r.shuffle_generator), "iteration": it,
-             "optimizer_steps": r.optimizer_steps}
+def save(r: Run, it: int, extra: dict | None = None) -> None:
+    """A resumable checkpoint after iteration `it`: weights, optimizer, scheduler, data position, RNGs
+    (`extra`: those of an earlier moment, see _resume_point; default: now)."""
+    extra = {**(extra or _resume_point(r)), "iteration": it}
     r.checkpointer.save(it, model=r.policy_lp, optimizer=r.optimizer, scheduler=r.scheduler, extra=extra,
                         config=config_mod.to_json(r.cfg))
 
@@ -129,7 +206,7 @@ def finish(r: Run, export: bool = True) -> None:
     if r.dist.is_main and r.cfg.logging.plots:
         r.metrics.plot()
     r.metrics.close()
-    if export and r.cfg.checkpoint.export_hf and not _Stop.requested:
+    if export and r.cfg.checkpoint.export_hf:
         saver = lora.adapter_saver(r.policy) if r.cfg.model.lora_rank else None
         export_hf(r.policy_lp, r.tokenizer, os.path.join(r.cfg.run_dir, "final"), save=saver)
     if r.dist.sharded:

@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     except NonFiniteWeights as err:
         print(f"engine/train.py: {err}", file=sys.stderr)
         sys.exit(1)
+    if run.interrupted:
+        print(f"engine/train.py: interrupted by signal {run.interrupted}; resume with the same command",
+              file=sys.stderr)
+        sys.exit(128 + run.interrupted)
     if run.failure:
         print(f"engine/train.py: {run.failure}", file=sys.stderr)
         sys.exit(1)

@@ -1,6 +1,13 @@
 """The engine under faults and bad input (issue 12): feedback functions returning the wrong thing,
 non-finite log-probabilities, corrupt checkpoints, a second run in the same directory, a changed config
 on resume, signals, the command line. Each test names what it guards."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -90,9 +97,6 @@ def _override(cfg, *pairs):
 
 
 def test_resume_with_a_changed_config_stops_and_lists_the_fields(tmp_path):
-    import json
-    import os
-
     from engine import loop
     from engine.build import ConfigChanged, build
     from engine.train import train
@@ -133,3 +137,61 @@ def test_a_run_resumes_from_the_newest_checkpoint_that_verifies(tmp_path, caplog
     with caplog.at_level("WARNING", logger="rebel"):
         r = build(_override(cfg, ("optim.iterations", "2")))
     assert r.resume_from == 0 and "step_00000001 is corrupt" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGTERM / SIGINT within a grace (item 8)
+# ----------------------------------------------------------------------------------------------
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def slow_reward(prompts, responses):
+    """The built-in task's reward after a 2 s pause: an iteration long enough to signal inside."""
+    from engine.tasks import counting_reward
+
+    time.sleep(2.0)
+    return counting_reward(prompts, responses)
+
+
+def _start(run_dir, *extra):
+    cmd = [sys.executable, "engine/train.py", "--run_dir", str(run_dir), "--optim.iterations", "50",
+           "--train.prompts_per_iteration", "8", "--train.num_epochs", "1", "--checkpoint.every", "0",
+           "--checkpoint.export_hf", "true", "--logging.progress", "false", "--logging.tensorboard", "false",
+           "--logging.plots", "false", "--reward.function", "test_faults:slow_reward", *extra]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _signal_inside_the_second_iteration(proc, run_dir, sig):
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.02)
+    time.sleep(0.5)  # inside iteration 1's reward
+    proc.send_signal(sig)
+    sent = time.monotonic()
+    out, _ = proc.communicate(timeout=300)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return out, time.monotonic() - sent, rows
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_the_last_completed_iteration_when_the_current_one_cannot_finish(tmp_path, sig):
+    signum = getattr(signal, sig)
+    proc = _start(tmp_path, "--checkpoint.stop_grace_s", "1")
+    out, took, rows = _signal_inside_the_second_iteration(proc, tmp_path, signum)
+    assert proc.returncode == 128 + signum, out[-3000:]
+    assert [r["iteration"] for r in rows] == [0]  # iteration 1 abandoned before its update
+    assert (tmp_path / "checkpoints" / "step_00000000").is_dir() and "iteration 1 abandoned" in out
+    assert not (tmp_path / "checkpoints" / "step_00000001").exists() and not (tmp_path / "final").exists()
+    assert took < 10, took
+
+
+def test_sigterm_finishes_the_current_iteration_when_it_fits_in_the_grace(tmp_path):
+    proc = _start(tmp_path, "--checkpoint.stop_grace_s", "20")
+    out, took, rows = _signal_inside_the_second_iteration(proc, tmp_path, signal.SIGTERM)
+    assert proc.returncode == 143, out[-3000:]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert (tmp_path / "checkpoints" / "step_00000001").is_dir() and "interrupted by signal 15" in out
+    assert took < 20, took
