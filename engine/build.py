@@ -66,17 +66,18 @@ class Run:
     failure: str | None = None  # set by the loop when the run ended without its purpose (exit status 1)
     interrupted: int | None = None  # the signal that stopped the run (SIGTERM / SIGINT), set by the loop
     seconds: dict = dataclasses.field(default_factory=dict)  # the last iteration's and save's durations
+    already_finished: bool = False  # the run directory held a finished run: nothing was trained
 
 
 def build(cfg: config_mod.TrainConfig) -> Run:
     """Processes, models, sampler, data, feedback, optimizer, checkpointer and logging of a run."""
     d = parallel.init_distributed()
-    logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING, format="%(asctime)s %(message)s")
     if cfg.train.prompts_per_iteration % (d.world * cfg.train.minibatches):
         raise ValueError(f"train.prompts_per_iteration={cfg.train.prompts_per_iteration} must be divisible by "
                          f"world size x train.minibatches = {d.world * cfg.train.minibatches}")
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.run_dir, exist_ok=True)
+    setup_logging(cfg.run_dir, d)
     ckpt = Checkpointer(cfg.run_dir, keep=cfg.checkpoint.keep)
     start = ckpt.latest_verified()  # the newest checkpoint whose files match its manifest
     changes = check_resume_config(cfg, ckpt, start)  # before anything is loaded or written
@@ -99,8 +100,53 @@ def build(cfg: config_mod.TrainConfig) -> Run:
                shuffle_generator=shuffle_gen, checkpointer=ckpt, resume_from=start,
                metrics=_metrics_logger(cfg, d, start),
                progress=Progress(cfg.optim.iterations, initial=0 if start is None else start + 1,
-                                 enabled=cfg.logging.progress and d.is_main),
+                                 enabled=cfg.logging.progress and d.is_main
+                                 and (start is None or start + 1 < cfg.optim.iterations)),
                timer=PhaseTimer(sync_cuda=d.device.type == "cuda"), config_changes=changes)
+
+
+class _BarSafeHandler(logging.StreamHandler):
+    """stderr through tqdm.write when tqdm is there, so that a record never breaks the progress bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return super().emit(record)
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(run_dir: str, d: parallel.Dist) -> None:
+    """The engine's records on stderr (main process: INFO, others: WARNING) and in run_dir/train.log (main
+    process); warnings of libraries (warnings.warn) go to train.log only, never through the bar. Calling it
+    again (another run in the same process) replaces what an earlier call installed."""
+    fmt = logging.Formatter("%(asctime)s %(message)s")
+    root, py_warnings = logging.getLogger(), logging.getLogger("py.warnings")
+    for logger in (root, py_warnings):
+        for handler in [h for h in logger.handlers if getattr(h, "_rebel", False)]:
+            logger.removeHandler(handler)
+            handler.close()
+    root.setLevel(logging.INFO if d.is_main else logging.WARNING)
+    handlers = [(_BarSafeHandler(), root)]
+    if d.is_main:
+        log_file = os.path.join(run_dir, "train.log")
+        handlers += [(logging.FileHandler(log_file, encoding="utf-8"), root),
+                     (logging.FileHandler(log_file, encoding="utf-8"), py_warnings)]
+    for handler, logger in handlers:
+        handler._rebel = True
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    logging.captureWarnings(True)
+    py_warnings.propagate = not d.is_main  # other ranks have no log file: their warnings reach stderr
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
+    except ImportError:
+        pass
 
 
 class ConfigChanged(ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import math
 import types
@@ -407,6 +408,89 @@ def trajectory_changes(saved_json: str, cfg: TrainConfig) -> list[tuple[str, obj
     old, new = _flatten(json.loads(saved_json)), _flatten(json.loads(to_json(cfg)))
     return [(key, old[key], new[key]) for key in sorted(new)
             if key in old and old[key] != new[key] and not key.startswith(NOT_TRAJECTORY)]
+
+
+# Help of the fields whose definition carries no comment (engine/generate.py, engine/algorithms/, ...).
+_HELP = {
+    "run_dir": "the run directory: config, metrics, checkpoints, final export (a rerun resumes from it)",
+    "seed": "seeds weights of built-in models, prompt order, sampling and minibatch order",
+    "optim.iterations": "iterations (collect + update) of the run; the LR decays linearly to 0 over them",
+    "optim.lr": "AdamW learning rate (peak, after warm-up)",
+    "optim.weight_decay": "AdamW weight decay",
+    "optim.adam_eps": "AdamW epsilon",
+    "optim.warmup_iterations": "iterations of linear LR warm-up",
+    "checkpoint.keep": "checkpoints kept (older ones are deleted; corrupt ones are kept and not counted)",
+    "data.split": "dataset split read (datasets directories and hub datasets)",
+    "data.prompt_column": "the column holding the prompt (text, or a list of chat messages)",
+    "model.activation_checkpointing": "recompute each decoder layer's activations in the backward",
+    "model.lora_alpha": "LoRA scaling alpha (the update is scaled by alpha / rank)",
+    "reward.batch_size": "responses per forward of the reward / preference model",
+    "reward.preference_template": "how a pairwise preference model reads {prompt}, {a}, {b}",
+    "logging.tensorboard": "write TensorBoard scalars under run_dir/tensorboard",
+    "logging.plots": "write reward.png, kl.png, loss.png at the end",
+    "logging.progress": "show a progress bar (main process)",
+    "generation.max_new_tokens": "most tokens sampled per response",
+    "generation.min_new_tokens": "EOS is masked before this many tokens",
+    "generation.temperature": "sampling temperature (> 0; log-probabilities are taken at it too)",
+    "generation.top_k": "sample among the k most likely tokens (0: off)",
+    "generation.top_p": "nucleus sampling mass (1: off)",
+    "generation.samples_per_prompt": "responses per prompt (k; fixed by the algorithm)",
+    "generation.check_every": "decode steps between checks whether every row has finished",
+    "algorithm.samples_per_prompt": "responses per prompt the algorithm trains on (k)",
+    "algorithm.eta": "REBEL's eta: the log-ratio difference is divided by it",
+    "algorithm.beta": "DPO's beta: the implicit reward's scale",
+    "train.prompts_per_iteration": "prompts sampled per iteration (over all ranks)",
+    "reward.preference_function": "'package.module:function' (prompts, responses, others) -> P(response > other)",
+}
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """field -> its comment in the class's source (trailing, or the comment lines just above it)."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out, block = {}, []
+    for line in lines[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            block.append(text.lstrip("#").strip())
+            continue
+        code, _, comment = text.partition("  # ")
+        name, colon, _ = code.partition(":")
+        if colon and name.isidentifier() and not text.startswith(("def ", "class ", "return ", "@")):
+            out[name] = comment.strip() or " ".join(block).split(". ")[0].rstrip(".")
+        block = []
+    return out
+
+
+def describe(cfg: TrainConfig | None = None) -> list[tuple[str, str, object, str]]:
+    """(section.key, type, default, one line of help) of every field of a config (default: `default()`)."""
+    cfg = cfg or default()
+    rows = []
+
+    def visit(obj, prefix):
+        comments = _field_comments(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                visit(value, f"{prefix}{f.name}.")
+                continue
+            key = f"{prefix}{f.name}"
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            rows.append((key, kind, value, _HELP.get(key) or comments.get(f.name, "")))
+
+    visit(cfg, "")
+    return rows
+
+
+def help_text(cfg: TrainConfig | None = None) -> str:
+    """The --help listing: one line per --section.key with its type, default and help."""
+    rows = describe(cfg)
+    width = max(len(key) for key, *_ in rows) + 2
+    lines = [f"  --{key:<{width}} {kind} = {value!r}" + (f"\n  {'':<{width + 2}} {text}" if text else "")
+             for key, kind, value, text in rows]
+    return "\n".join(lines)
 
 
 def to_json(cfg: TrainConfig) -> str:

@@ -76,6 +76,10 @@ def run(r: Run) -> dict:
     _Stop.install()
     first = resume(r)
     last, saved = {}, r.resume_from
+    r.already_finished = first >= r.cfg.optim.iterations
+    if r.already_finished:
+        log.info("%s already finished (iteration %d of %d): nothing to do", r.cfg.run_dir, first,
+                 r.cfg.optim.iterations)
     for it in range(first, r.cfg.optim.iterations):
         if it == first and _Stop.requested(r.dist):  # signalled while building or resuming
             break
@@ -106,12 +110,46 @@ def run(r: Run) -> dict:
         log.warning("interrupted by signal %d: checkpoint of iteration %s on disk, exiting without the final export",
                     r.interrupted, saved)
     untrained = first < r.cfg.optim.iterations and r.optimizer_steps == 0 and not interrupted
-    finish(r, export=not (untrained or interrupted))
+    exported = os.path.isdir(os.path.join(r.cfg.run_dir, "final"))
+    finish(r, export=not (untrained or interrupted or (r.already_finished and exported)))
     if untrained:
         r.failure = (f"every update was skipped ({r.counters['skipped_batches']} skipped: non-finite rewards, "
                      f"preferences or losses, see the warnings above); nothing was trained and no export was written")
         log.error(r.failure)
     return last
+
+
+def summary(r: Run) -> str:
+    """What the run did, for the end of the command line's output (main process)."""
+    from engine.metrics import read_metrics
+
+    try:
+        rows = read_metrics(r.cfg.run_dir)
+    except (FileNotFoundError, ValueError):
+        rows = []
+    total = r.cfg.optim.iterations
+    if r.already_finished:
+        head = f"run already finished: {total} of {total} iterations"
+    elif r.interrupted:
+        head = f"run interrupted after {len(rows)} of {total} iterations (resume with the same command)"
+    else:
+        head = f"run finished: {len(rows)} of {total} iterations"
+    lines = [head]
+
+    def span(key):
+        values = [row.get(key) for row in rows if row.get(key) is not None]
+        return f"{values[0]:.4g} -> {values[-1]:.4g}" if values else None
+
+    for key, label in (("reward/mean", "reward"), ("score/mean", "score"), ("kl/mean", "KL")):
+        if span(key):
+            lines.append(f"  {label}: {span(key)} (first -> last iteration)")
+    if rows and rows[-1].get("skipped_batches"):
+        lines.append(f"  skipped updates: {rows[-1]['skipped_batches']}")
+    final = os.path.join(r.cfg.run_dir, "final")
+    lines.append(f"  export: {os.path.abspath(final)}" if os.path.isdir(final) and not r.interrupted
+                 else "  export: none")
+    lines.append(f"  checkpoints: {os.path.abspath(r.checkpointer.root)}")
+    return "\n".join(lines)
 
 
 def _resume_point(r: Run) -> dict:

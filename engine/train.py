@@ -27,8 +27,17 @@ from engine.checkpoint import CheckpointError, NonFiniteWeights
 
 
 def parse_args(argv: list[str]) -> config_mod.TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _parse(argv)[0]
+
+
+def _parse(argv: list[str]) -> tuple[config_mod.TrainConfig, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (--section.key value; defaults of --preset default):\n" + config_mod.help_text())
     parser.add_argument("--preset", default="default", choices=sorted(config_mod.PRESETS))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per process (default: $REBEL_THREADS, else $OMP_NUM_THREADS when set "
+                             "outside torchrun, else the usable cores / processes on this machine)")
     args, rest = parser.parse_known_args(argv)
     if len(rest) % 2:
         parser.error(f"overrides come as --section.key value pairs, got {rest}")
@@ -37,7 +46,21 @@ def parse_args(argv: list[str]) -> config_mod.TrainConfig:
         if not key.startswith("--"):
             parser.error(f"expected --section.key, got {key!r}")
         pairs.append((key[2:], value))
-    return config_mod.apply_overrides(config_mod.PRESETS[args.preset](), pairs)
+    return config_mod.apply_overrides(config_mod.PRESETS[args.preset](), pairs), args
+
+
+def threads_per_process(requested: int | None = None) -> tuple[int, str]:
+    """(threads, where the number comes from): --threads, $REBEL_THREADS, $OMP_NUM_THREADS set by the user
+    (torchrun sets it to 1 itself, so it is not read under torchrun), else usable cores / local processes."""
+    if requested is not None:
+        return max(1, requested), "--threads"
+    if os.environ.get("REBEL_THREADS"):
+        return max(1, int(os.environ["REBEL_THREADS"])), "$REBEL_THREADS"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if os.environ.get("OMP_NUM_THREADS") and "LOCAL_WORLD_SIZE" not in os.environ:
+        return max(1, int(os.environ["OMP_NUM_THREADS"])), "$OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local), f"{cores} cores / {local} local process(es)"
 
 
 def train(cfg: config_mod.TrainConfig) -> dict:
@@ -47,12 +70,20 @@ def train(cfg: config_mod.TrainConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """The command line: a config error is one line and exit status 2; a run that trained nothing
-    (every update skipped) exits 1."""
+    (every update skipped) exits 1; SIGTERM / SIGINT exit 128 + the signal after a checkpoint."""
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg, args = _parse(sys.argv[1:] if argv is None else argv)
+        threads, source = threads_per_process(args.threads)
     except ValueError as err:
         print(f"engine/train.py: config error: {err}", file=sys.stderr)
         sys.exit(2)
+    import torch
+
+    torch.set_num_threads(threads)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        print(f"run directory: {os.path.abspath(cfg.run_dir)}\nthreads per process: {threads} ({source})",
+              flush=True)
     try:
         run = build(cfg)
     except ConfigChanged as err:
@@ -66,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     except NonFiniteWeights as err:
         print(f"engine/train.py: {err}", file=sys.stderr)
         sys.exit(1)
+    if main_process:
+        print(loop.summary(run), flush=True)
     if run.interrupted:
         print(f"engine/train.py: interrupted by signal {run.interrupted}; resume with the same command",
               file=sys.stderr)

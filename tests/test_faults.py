@@ -195,3 +195,52 @@ def test_sigterm_finishes_the_current_iteration_when_it_fits_in_the_grace(tmp_pa
     assert [r["iteration"] for r in rows] == [0, 1]
     assert (tmp_path / "checkpoints" / "step_00000001").is_dir() and "interrupted by signal 15" in out
     assert took < 20, took
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line (item 9)
+# ----------------------------------------------------------------------------------------------
+def test_help_lists_every_key_with_type_default_and_help(capsys):
+    from engine.train import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    rows = C.describe()
+    assert len(rows) > 50 and all(text for *_, text in rows), [key for key, *_, text in rows if not text]
+    for key, kind, value, _ in rows:
+        assert f"--{key}" in out and f"{kind} = {value!r}" in out, key
+    assert "--threads" in out
+
+
+def test_threads_per_process(monkeypatch):
+    from engine.train import threads_per_process
+
+    for var in ("REBEL_THREADS", "OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_process() == (cores, f"{cores} cores / 1 local process(es)")
+    assert threads_per_process(3) == (3, "--threads")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's own default: not read under torchrun
+    assert threads_per_process()[0] == max(1, cores // 2)
+    monkeypatch.setenv("REBEL_THREADS", "5")
+    assert threads_per_process() == (5, "$REBEL_THREADS")
+
+
+def test_cli_states_directory_threads_and_summary_and_a_finished_run_exits_0(tmp_path):
+    args = [sys.executable, "engine/train.py", "--run_dir", str(tmp_path), "--optim.iterations", "1",
+            "--train.prompts_per_iteration", "8", "--logging.tensorboard", "false", "--logging.plots", "false"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = first.stdout.splitlines()
+    assert lines[0] == f"run directory: {tmp_path}" and lines[1] == "threads per process: 1 ($OMP_NUM_THREADS)"
+    assert "run finished: 1 of 1 iterations" in first.stdout and f"export: {tmp_path / 'final'}" in first.stdout
+    assert "reward: " in first.stdout and "KL: " in first.stdout
+    assert "FutureWarning" not in first.stderr + first.stdout  # library warnings: in the log only
+    assert "Warning" in (tmp_path / "train.log").read_text()
+    again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "run already finished: 1 of 1 iterations" in again.stdout
+    assert "iter 1/1" not in again.stderr  # no progress bar
