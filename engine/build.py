@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from engine import config as config_mod
-from engine import data, lora, parallel, precision, rewards, rollout
+from engine import data, guard, lora, parallel, precision, rewards, rollout
 from engine.checkpoint import Checkpointer, write_text_atomically
 from engine.generate import Sampler, eos_token_ids
 from engine.metrics import MetricsLogger, PhaseTimer, Progress
@@ -67,10 +67,23 @@ class Run:
     interrupted: int | None = None  # the signal that stopped the run (SIGTERM / SIGINT), set by the loop
     seconds: dict = dataclasses.field(default_factory=dict)  # the last iteration's and save's durations
     already_finished: bool = False  # the run directory held a finished run: nothing was trained
+    lock: guard.RunLock | None = None  # the run directory's lock (main process), released by the loop's finish
 
 
 def build(cfg: config_mod.TrainConfig) -> Run:
-    """Processes, models, sampler, data, feedback, optimizer, checkpointer and logging of a run."""
+    """Processes, models, sampler, data, feedback, optimizer, checkpointer and logging of a run. The main
+    process first takes the run directory's lock (engine/guard.py), before the process group forms:
+    a second run in a busy directory fails at once, naming the holder."""
+    lock = guard.RunLock.acquire(cfg.run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        return _build(cfg, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build(cfg: config_mod.TrainConfig, lock: guard.RunLock | None) -> Run:
     d = parallel.init_distributed()
     if cfg.train.prompts_per_iteration % (d.world * cfg.train.minibatches):
         raise ValueError(f"train.prompts_per_iteration={cfg.train.prompts_per_iteration} must be divisible by "
@@ -102,7 +115,7 @@ def build(cfg: config_mod.TrainConfig) -> Run:
                progress=Progress(cfg.optim.iterations, initial=0 if start is None else start + 1,
                                  enabled=cfg.logging.progress and d.is_main
                                  and (start is None or start + 1 < cfg.optim.iterations)),
-               timer=PhaseTimer(sync_cuda=d.device.type == "cuda"), config_changes=changes)
+               timer=PhaseTimer(sync_cuda=d.device.type == "cuda"), config_changes=changes, lock=lock)
 
 
 class _BarSafeHandler(logging.StreamHandler):

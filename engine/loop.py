@@ -249,3 +249,5 @@ def finish(r: Run, export: bool = True) -> None:
         export_hf(r.policy_lp, r.tokenizer, os.path.join(r.cfg.run_dir, "final"), save=saver)
     if r.dist.sharded:
         torch.distributed.destroy_process_group()
+    if r.lock is not None:
+        r.lock.release()

@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # `python engine/train.py` / `torchrun engine/tra
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import config as config_mod
-from engine import loop
+from engine import guard, loop
 from engine.build import ConfigChanged, build
 from engine.checkpoint import CheckpointError, NonFiniteWeights
 
@@ -84,9 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     if main_process:
         print(f"run directory: {os.path.abspath(cfg.run_dir)}\nthreads per process: {threads} ({source})",
               flush=True)
+    guard.watch_parent(hard_exit_s=cfg.checkpoint.stop_grace_s + 30)  # under torchrun: exit with the launcher
     try:
         run = build(cfg)
-    except ConfigChanged as err:
+    except (ConfigChanged, guard.RunDirectoryBusy) as err:
         print(f"engine/train.py: {err}", file=sys.stderr)
         sys.exit(2)
     except CheckpointError as err:

@@ -244,3 +244,64 @@ def test_cli_states_directory_threads_and_summary_and_a_finished_run_exits_0(tmp
     again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "run already finished: 1 of 1 iterations" in again.stdout
     assert "iter 1/1" not in again.stderr  # no progress bar
+
+
+# ----------------------------------------------------------------------------------------------
+# one run per directory; no worker outliving its launcher (item 6)
+# ----------------------------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def test_a_second_run_in_the_same_directory_fails_fast_naming_the_holder(tmp_path):
+    import socket
+
+    first = _start(tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.05)
+    (tmp_path / "checkpoints").mkdir(exist_ok=True)
+    started = time.monotonic()
+    second = _start(tmp_path)
+    out, _ = second.communicate(timeout=120)
+    assert second.returncode == 2, out[-3000:]
+    assert f"in use by another run (pid {first.pid} on host {socket.gethostname()})" in out
+    assert time.monotonic() - started < 30
+    first.send_signal(signal.SIGTERM)  # the first run was not disturbed: it checkpoints and stops normally
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 143, out[-3000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert (tmp_path / "checkpoints" / f"step_{rows[-1]['iteration']:08d}").is_dir()
+    from engine.guard import RunLock  # released: a later run may take it
+
+    RunLock.acquire(str(tmp_path)).release()
+
+
+def test_a_worker_exits_when_its_launcher_dies(tmp_path):
+    launcher = ("import os, subprocess, sys, time\n"
+                f"p = subprocess.Popen(sys.argv[1:], env=dict(os.environ, LOCAL_RANK='0'), cwd={REPO!r})\n"
+                "print(p.pid, flush=True)\n"
+                "time.sleep(600)\n")
+    cmd = [sys.executable, "engine/train.py", "--run_dir", str(tmp_path), "--optim.iterations", "500",
+           "--train.prompts_per_iteration", "8", "--checkpoint.every", "0", "--checkpoint.stop_grace_s", "5",
+           "--logging.progress", "false", "--logging.tensorboard", "false", "--logging.plots", "false"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    parent = subprocess.Popen([sys.executable, "-c", launcher, *cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              text=True)
+    worker = int(parent.stdout.readline())
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.05)
+    parent.kill()  # the launcher dies without a word to its worker
+    parent.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and _alive(worker):
+        time.sleep(0.1)
+    assert not _alive(worker), "the worker outlived its launcher"
+    assert list((tmp_path / "checkpoints").glob("step_*"))  # it checkpointed on the way out
