@@ -128,10 +128,25 @@ def collect_preference_pairs(run: Run, chosen: list[int]) -> rollout.Batch:
     return rollout.Batch.of(responses, ref_logprobs=ref)
 
 
-def feedback_is_finite(batch: rollout.Batch, d: parallel.Dist) -> bool:
-    """No NaN/inf in the scores or preferences of any rank's batch."""
-    bad = torch.zeros((), device=batch.labels.device)
-    for x in (batch.scores, batch.anchor_preferences):
+# The quantities screened before an update, in the order they arise, with the names a warning uses.
+SCREENED = (("scores", "reward (scores)"), ("anchor_preferences", "preference (P(y > y''))"),
+            ("old_logprobs", "log pi_t (the policy's log-probabilities)"),
+            ("ref_logprobs", "log pi_ref (the reference's log-probabilities)"),
+            ("kl", "KL (log pi_t - log pi_ref)"), ("rewards", "shaped reward (score - kl_coef * KL)"))
+
+
+def non_finite_quantities(batch: rollout.Batch, d: parallel.Dist) -> list[str]:
+    """The names of the batch's quantities holding NaN/inf on any rank (one collective), in the order they
+    arise (the first is the cause of the others); empty when everything is finite."""
+    flags = torch.zeros(len(SCREENED), device=batch.labels.device)
+    for i, (field, _) in enumerate(SCREENED):
+        x = getattr(batch, field, None)
         if x is not None:
-            bad = bad + (~torch.isfinite(x)).any().float()
-    return parallel.all_reduce(bad, d).item() == 0
+            flags[i] = (~torch.isfinite(x)).any().float()
+    flags = parallel.all_reduce(flags, d).tolist()
+    return [name for (_, name), flag in zip(SCREENED, flags) if flag > 0]
+
+
+def feedback_is_finite(batch: rollout.Batch, d: parallel.Dist) -> bool:
+    """No NaN/inf in any screened quantity of any rank's batch."""
+    return not non_finite_quantities(batch, d)

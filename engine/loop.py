@@ -19,7 +19,7 @@ from engine import config as config_mod
 from engine import lora, parallel
 from engine.build import Run
 from engine.checkpoint import export_hf, rng_state, set_rng_state
-from engine.collect import feedback_is_finite, iteration_batch
+from engine.collect import iteration_batch, non_finite_quantities
 from engine.update import update
 
 log = logging.getLogger("rebel")
@@ -187,11 +187,12 @@ def iteration(r: Run, it: int) -> dict:
     batch, stats = iteration_batch(r)
     r.progress.phase("update")
     _check_stop(r, t_iter)
-    if feedback_is_finite(batch, d):
+    bad = non_finite_quantities(batch, d)
+    if not bad:
         with r.timer("update"):
             stats.update(update(r, batch))
     else:
-        log.warning("non-finite reward at iteration %d: update skipped", it)
+        log.warning("non-finite %s at iteration %d: update skipped", " -> ".join(bad), it)
         r.counters["skipped_batches"] += 1
     stats.update(r.timer.pop())
     stats.update(r.counters)

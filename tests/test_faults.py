@@ -305,3 +305,22 @@ def test_a_worker_exits_when_its_launcher_dies(tmp_path):
         time.sleep(0.1)
     assert not _alive(worker), "the worker outlived its launcher"
     assert list((tmp_path / "checkpoints").glob("step_*"))  # it checkpointed on the way out
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite log-probabilities and KL (item 4)
+# ----------------------------------------------------------------------------------------------
+def test_non_finite_reference_logprobs_are_named_and_the_update_skipped(tmp_path, caplog):
+    from engine import loop
+    from engine.build import build
+
+    r = build(small_cfg(tmp_path))
+    with torch.no_grad():
+        r.reference_lp.lm.get_input_embeddings().weight.fill_(float("nan"))
+    before = {n: p.detach().clone() for n, p in r.policy_lp.named_parameters()}
+    with caplog.at_level("WARNING", logger="rebel"):
+        stats = loop.iteration(r, 0)
+    assert stats["skipped_batches"] == 1 and "loss/first" not in stats
+    assert "non-finite log pi_ref (the reference's log-probabilities) -> KL (log pi_t - log pi_ref) -> shaped " \
+           "reward" in caplog.text
+    assert all(torch.equal(p, before[n]) for n, p in r.policy_lp.named_parameters())
