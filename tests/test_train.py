@@ -306,3 +306,33 @@ def test_autocast_policy_logprobs_keep_float32_parameters():
     mixed.float().sum().backward()
     assert all(p.dtype == torch.float32 for p in lm.parameters())
     assert lm.lm_head.weight.grad is not None and lm.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_two_nodes_on_localhost_match_one_node_with_two_processes(tmp_path):
+    """torchrun --nnodes 2 (c10d rendezvous on localhost, one process per "node", two launchers) trains
+    the same iterations as one node with two processes: the same metrics."""
+    import socket
+
+    args = ["--optim.iterations", "3", "--train.prompts_per_iteration", "8", "--checkpoint.every", "0",
+            "--logging.progress", "false", "--logging.tensorboard", "false", "--logging.plots", "false"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", REBEL_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "engine/train.py",
+                          "--run_dir", str(tmp_path / "one"), *args], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+              "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=test-two-nodes",
+              "engine/train.py", "--run_dir", str(tmp_path / "two"), *args]
+    nodes = [subprocess.Popen(launch, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n----\n".join(out[-2000:] for out in outs)
+    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [r["iteration"] for r in b] == [0, 1, 2]
+    for row_a, row_b in zip(a, b):
+        for key in ("reward/mean", "kl/mean", "loss/first", "loss/last", "eos_rate", "response_length/mean"):
+            assert row_b[key] == pytest.approx(row_a[key], rel=1e-5, abs=1e-7), (row_a["iteration"], key)
+    assert (tmp_path / "two" / "final" / "model.safetensors").exists()
