@@ -17,22 +17,23 @@ Kernels modelled (rebel_kernels/logprobs/triton_kernels.py):
 - backward "atomic" (the first design): one program per (token block, vocab tile) recomputes the
   logits tile and adds [BLOCK_M, H] float32 blocks into d hidden and d weight with atomics;
 - backward "gemm" (the redesign): per chunk, a kernel recomputes the logits tile and stores d logits
-  (dz, rounded once to the compute dtype), then two dense GEMMs. Deterministic: no atomics. Two ways
-  to cut the [N, V] dz into chunks that fit a `dz_budget`-byte buffer:
-  - split="tokens": chunks of tokens x all V; d hidden = dz @ W is written once, d weight += dz^T @ h
-    is a float32 [V, H] read and written once per chunk (N * V * dtype / budget chunks);
-  - split="vocab": all N tokens x chunks of V; d weight[chunk] = dz^T @ h is written once, d hidden
-    += dz @ W[chunk] is a float32 [N, H] accumulator read and written once per chunk (its extra
-    N * H * 2 bytes over a bf16 d hidden come out of the budget).
-  The accumulator traffic per chunk is V * H * 8 vs N * H * 8 bytes with the same number of chunks:
-  the split along the larger dimension costs max(N, V) / min(N, V) times more. "auto" (`gemm_plan`)
-  combines both: token blocks (outer) x vocab chunks (inner), the pair with the least traffic.
+  (dz, rounded once to the compute dtype), then two dense GEMMs. Deterministic: no atomics. The
+  [N, V] walk is the op's own plan (rebel_kernels/logprobs/plan.py): token blocks x vocab chunks
+  within a 256 MiB working budget, the pair with the least float32 accumulator traffic (d hidden per
+  vocab chunk, d weight per token block); split="tokens" or "vocab" forces one orientation.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+import os
+import sys
+
+if __package__ in (None, ""):  # python bench/perf_model.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rebel_kernels.logprobs import plan as plan_mod
 
 L2_REUSE = 8  # tiles of the other operand served from L2 per HBM read (GROUP_M supergrouping)
 MIB = 2**20
@@ -121,83 +122,36 @@ def backward_atomic(n: int, h: int, v: int, dtype_bytes: int = 2, tiles: Tiles =
     return [Kernel("bwd atomic (recompute + dz + atomics)", 6.0 * n * h * v, reads, atomic_bytes=atomic)]
 
 
-@dataclasses.dataclass(frozen=True)
-class GemmPlan:
-    """How the gemm backward cuts [N, V] into dz chunks: token blocks of `tokens` rows (outer loop) and,
-    inside each, vocab chunks of `vocab` columns. vocab == V: d hidden is written once per token
-    block. vocab < V: d hidden is a float32 accumulator over the block's vocab chunks (its extra
-    block x H x (4 - dtype) bytes come out of the budget). More than one token block: d weight is a
-    float32 accumulator read and written once per block."""
-
-    tokens: int
-    vocab: int
-
-    def chunks(self, n: int, v: int) -> tuple[int, int]:
-        return math.ceil(n / self.tokens), math.ceil(v / self.vocab)
-
-    def accumulator_bytes(self, n: int, h: int, v: int) -> int:
-        blocks, vchunks = self.chunks(n, v)
-        dw = v * h * (8 if blocks > 1 else 4)
-        dh = self.tokens * h * 8 if vchunks > 1 else 0
-        return blocks * (dw + vchunks * dh)
-
-    def memory_bytes(self, h: int, v: int, dtype_bytes: int) -> int:
-        """dz chunk + the float32 d hidden accumulator's extra half."""
-        extra = self.tokens * h * (4 - dtype_bytes) if self.vocab < v else 0
-        return self.tokens * self.vocab * dtype_bytes + extra
-
-
-def gemm_plan(n: int, h: int, v: int, dtype_bytes: int = 2, dz_budget: int = 256 * MIB,
-              split: str = "auto") -> GemmPlan:
-    """split="tokens": token blocks x all V; "vocab": all N tokens x vocab chunks; "auto": the plan with
-    the least accumulator traffic among token blocks N, N/2, N/4, ... (multiples of 128) x the widest
-    vocab chunk that the budget leaves."""
-    def widest(tokens: int) -> GemmPlan | None:
-        if tokens * v * dtype_bytes <= dz_budget:
-            return GemmPlan(tokens, v)
-        room = dz_budget - tokens * h * (4 - dtype_bytes)
-        cols = (room // (tokens * dtype_bytes)) // 128 * 128 if room > 0 else 0
-        return GemmPlan(tokens, min(v, cols)) if cols >= 128 else None
-
-    if split == "tokens":
-        return GemmPlan(min(n, max(128, (dz_budget // (v * dtype_bytes)) // 128 * 128)), v)
-    if split == "vocab":
-        plan = widest(n)
-        return plan if plan is not None else GemmPlan(n, 128)
-    candidates, tokens = [], n
-    while True:
-        plan = widest(tokens)
-        if plan is not None:
-            candidates.append(plan)
-        if tokens <= 128:
-            break
-        tokens = max(128, math.ceil(tokens / 2 / 128) * 128)
-    return min(candidates, key=lambda p: p.accumulator_bytes(n, h, v))
+def gemm_plan(n: int, h: int, v: int, dtype_bytes: int = 2, dz_budget: int = plan_mod.BUDGET_BYTES,
+              split: str = "auto", gather: bool = False, tiles: Tiles = SM90) -> plan_mod.GemmPlan:
+    """The op's own plan (rebel_kernels/logprobs/plan.py): token blocks x vocab chunks."""
+    return plan_mod.gemm_plan(n, v, h, dtype_bytes, gather=gather, block_m=tiles.block_m, block_n=tiles.block_n,
+                              budget=dz_budget, split=split)
 
 
 def backward_gemm(n: int, h: int, v: int, dtype_bytes: int = 2, tiles: Tiles = SM90,
-                  dz_budget: int = 256 * MIB, split: str = "auto") -> list[Kernel]:
-    plan = gemm_plan(n, h, v, dtype_bytes, dz_budget, split)
-    blocks, vchunks = plan.chunks(n, v)
+                  dz_budget: int = plan_mod.BUDGET_BYTES, split: str = "auto") -> list[Kernel]:
+    walk = gemm_plan(n, h, v, dtype_bytes, dz_budget, split, tiles=tiles)
+    blocks, vchunks = walk.chunks(n, v)
     launches = blocks * vchunks
     bm, bn = tiles.block_m, tiles.block_n
     dz = Kernel("bwd dz (recompute logits, store dz)", 2.0 * n * h * v,
                 _matmul_bytes(n, v, h, dtype_bytes, dtype_bytes, bm, bn), launches=launches)
-    dh_out = 8 if vchunks > 1 else dtype_bytes  # float32 accumulator read + written, or written once
-    dw_out = 8 if blocks > 1 else 4
-    dh = blocks * vchunks * _matmul_bytes(plan.tokens, h, plan.vocab, dtype_bytes, dh_out, bm, bn)
-    dw = blocks * vchunks * _matmul_bytes(plan.vocab, h, plan.tokens, dtype_bytes, dw_out, bm, bn)
+    dh_out = 8 if vchunks > 1 else 4  # the block's float32 accumulator: read + written per chunk, or written
+    dw_out = 8 if blocks > 1 else 4  # the float32 d weight: read + written per block, or written once
+    dh = blocks * vchunks * _matmul_bytes(walk.tokens, h, walk.vocab, dtype_bytes, dh_out, bm, bn)
+    dw = blocks * vchunks * _matmul_bytes(walk.vocab, h, walk.tokens, dtype_bytes, dw_out, bm, bn)
     return [dz, Kernel("bwd d hidden GEMM", 2.0 * n * h * v, dh, launches=launches),
             Kernel("bwd d weight GEMM", 2.0 * n * h * v, dw, launches=launches)]
 
 
-def gemm_memory_bytes(n: int, h: int, v: int, dtype_bytes: int = 2, dz_budget: int = 256 * MIB,
+def gemm_memory_bytes(n: int, h: int, v: int, dtype_bytes: int = 2, dz_budget: int = plan_mod.BUDGET_BYTES,
                       split: str = "auto") -> dict:
-    """Op memory of the backward beyond the inputs: d hidden, d weight (float32), the dz chunk and the
-    float32 d hidden accumulator's extra half (within the budget), the forward's log-sum-exp."""
-    plan = gemm_plan(n, h, v, dtype_bytes, dz_budget, split)
+    """Op memory of the backward beyond the inputs: d hidden, d weight (float32), what the plan holds
+    within its budget (dz, the block's float32 d hidden and its cast, d-bias partials), the lse."""
+    walk = gemm_plan(n, h, v, dtype_bytes, dz_budget, split)
     return {"d_hidden": n * h * dtype_bytes, "d_weight_fp32": v * h * 4,
-            "budgeted": plan.memory_bytes(h, v, dtype_bytes), "lse": n * 4}
+            "budgeted": walk.memory_bytes(h, dtype_bytes, gather=False), "lse": n * 4}
 
 
 def predict(kernels: list[Kernel], dev: Device, useful_flops: float) -> dict:

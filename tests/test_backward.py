@@ -10,8 +10,9 @@ from rebel_kernels import fused_rebel_loss, fused_token_logprobs
 
 triton_kernels = pytest.importorskip("rebel_kernels.logprobs.triton_kernels")
 
-# (orientation, budget): one chunk, and the smallest chunks in each orientation.
-GEMM_CHUNKS = {"one-chunk": ("auto", None), "token-chunks": ("tokens", 1), "vocab-chunks": ("vocab", 1)}
+# (split, budget): one chunk; the smallest chunks in each orientation; both at once.
+GEMM_CHUNKS = {"one-chunk": ("auto", None), "token-chunks": ("tokens", 1), "vocab-chunks": ("vocab", 1),
+               "blocks-and-chunks": ("auto", 1)}
 
 
 def _grads(monkeypatch, device, seed, bwd: str, chunks: str = "auto", budget=None, dtype=torch.float32):
@@ -53,30 +54,11 @@ def test_bwd_mode_is_checked(monkeypatch):
         triton_kernels.bwd_mode()
 
 
-@pytest.mark.parametrize(
-    "n, vocab, hdim, gather, want",
-    [
-        # bf16 heads at sm90 tiles (128 x 128), 224 MiB: vocab chunks while N < V ...
-        (16384, 128256, 4096, False, ("vocab", 7168)),   # Llama-3-8B, every row a response token
-        (16384, 128256, 4096, True, ("vocab", 3072)),    # ... with the valid rows gathered (128 MiB)
-        (2048, 256000, 2304, True, ("vocab", 55040)),    # Gemma-2-2B
-        (32768, 152064, 3584, False, ("vocab", 3584)),   # Qwen2.5-7B
-        # ... token chunks when N > V (rows a multiple of 128)
-        (65536, 50304, 2560, False, ("tokens", 2304)),   # Pythia-2.8B
-        (32768, 50304, 2560, True, ("tokens", 2304)),    # gathering 160 MiB leaves vocab chunks too short
-    ],
-)
-def test_chunk_plan(n, vocab, hdim, gather, want):
-    assert triton_kernels.chunk_plan(n, vocab, hdim, 2, gather, 128, 128, budget=224 << 20, chunks="auto") == want
+def test_the_launcher_walks_the_plan_of_plan_py():
+    """The plan's rule itself (budget, traffic, splits) is tested in tests/test_plan.py."""
+    from rebel_kernels.logprobs import plan
 
-
-def test_chunk_plan_forced_and_floor():
-    plan = triton_kernels.chunk_plan
-    assert plan(1000, 50000, 64, 2, False, 16, 32, budget=1, chunks="tokens") == ("tokens", 16)
-    assert plan(1000, 50000, 64, 2, False, 16, 32, budget=1, chunks="vocab") == ("vocab", 32)
-    assert plan(10, 50, 64, 2, False, 16, 32, budget=1 << 30, chunks="tokens") == ("tokens", 10)
-    with pytest.raises(ValueError, match="CHUNKS"):
-        plan(10, 50, 64, 2, False, 16, 32, chunks="rows")
+    assert triton_kernels.DZ_BUDGET_BYTES == plan.BUDGET_BYTES and triton_kernels.CHUNKS == "auto"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -24,11 +24,13 @@ TOL = 1e-4  # float32 inputs vs the float64 reference, relative (norm) error
 
 # The Triton backward designs under test (rebel_kernels/logprobs/triton_kernels.py): the default
 # gemm backward as configured (one chunk at these sizes), the same with the smallest chunks in
-# each orientation (many chunks: the accumulation across chunks), and the atomic backward.
+# each orientation and in both at once (many chunks: the float32 accumulation across chunks of
+# d hidden and of d weight), and the atomic backward.
 TRITON_BACKWARDS = {
     "triton": {},
     "triton-token-chunks": dict(CHUNKS="tokens", DZ_BUDGET_BYTES=1),
     "triton-vocab-chunks": dict(CHUNKS="vocab", DZ_BUDGET_BYTES=1),
+    "triton-blocks-and-chunks": dict(CHUNKS="auto", DZ_BUDGET_BYTES=1),
     "triton-atomic": dict(REBEL_KERNELS_BWD="atomic"),
 }
 

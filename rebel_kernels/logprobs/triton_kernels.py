@@ -16,17 +16,16 @@ the batch around the row, since the vocabulary is split at fixed offsets):
   2. `_fwd_combine_kernel`: merges the splits in a fixed order into lse, logp = z_y - lse and the
      entropy lse - E_p[z], and writes every dense position (0 where the label is ignored).
 Backward, two designs, chosen by REBEL_KERNELS_BWD (read on every call):
-  gemm (default): deterministic, no atomics.  The compacted tokens x vocabulary are walked in
-     chunks whose d-logits buffer dz [rows, cols] in the compute dtype fits `DZ_BUDGET_BYTES`:
-     either token chunks (all V columns, Nc rows) or vocab chunks (all N rows, Vc columns),
-     whichever chunk is longer (Nc = budget / (V e) vs Vc = (budget - gathered rows) / (N e): token
-     chunks when N > V, vocab chunks when V > N).  Per chunk: `_dz_kernel` recomputes the logits
-     tiles from the forward's lse and writes dz (float32 in registers, rounded once to the compute
-     dtype; float32 for float32 inputs) plus per-token-block column sums for d bias; then two dense
-     GEMMs with float32 accumulation (`_acc_mm`):
-       token chunks: d hidden[chunk] = dz @ W (written once), d weight += dz^T @ h[chunk] (float32)
-       vocab chunks: d weight[chunk] = dz^T @ h (written once), d hidden += dz @ W[chunk] (float32)
-     and d bias[...] += (column sums).sum(0) in float32.
+  gemm (default): deterministic, no atomics.  The compacted tokens x vocabulary are walked in token
+     blocks x vocab chunks chosen by `plan.gemm_plan` (rebel_kernels/logprobs/plan.py: the least
+     float32 accumulator traffic within `DZ_BUDGET_BYTES` of working memory; one token block and
+     vocab chunks when N < V).  Per chunk: `_dz_kernel` recomputes the logits tiles from the
+     forward's lse and writes dz (float32 in registers, rounded once to the compute dtype; float32
+     for float32 inputs) plus per-token-block column sums for d bias; then two dense GEMMs with
+     float32 accumulation (`_acc_mm`):
+       d hidden[block] += dz @ W[chunk]   (float32 per block, cast once into the dense d hidden)
+       d weight[chunk] += dz^T @ h[block] (the float32 d weight)
+     and d bias[chunk] += (column sums).sum(0) in float32.
   atomic: `_bwd_kernel`, one program per (token block, vocab tile), recomputes the tile of logits
      and accumulates d hidden, d weight and d bias with float32 atomics (not bitwise deterministic).
 Loss epilogue: `_pair_loss_kernel`, one program per pair.
@@ -44,6 +43,7 @@ from .. import _alloc
 from .._backend import interpreting  # noqa: F401  (the one interpreter switch, re-exported for tests)
 from .._tiles import TileConfig, tile_config  # noqa: F401  (TileConfig: for callers passing config=)
 from .._triton_common import _dot_precision, _scaled_logits_tile, _upcast_dot, _use_tma, _weight_desc, _weight_tile
+from . import plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,8 +233,8 @@ def _bwd_kernel(
 
 
 BWD_MODES = ("gemm", "atomic")
-DZ_BUDGET_BYTES = 224 << 20  # the gemm backward's dz buffer (+ gathered hidden rows); <= 256 MiB with the rest
-CHUNKS = "auto"  # gemm backward chunk orientation: "auto", "tokens" or "vocab" (tests force one)
+DZ_BUDGET_BYTES = plan.BUDGET_BYTES  # the gemm backward's working memory beyond its outputs (plan.py)
+CHUNKS = "auto"  # the plan's split: "auto", "tokens" or "vocab" (tests force one, and a tiny budget)
 _SLICE_BYTES = 32 << 20  # float32 temporaries of the GEMM fall-backs (_acc_mm)
 
 
@@ -337,28 +337,6 @@ def _dz_kernel(
         tl.store(dbp_ptr + pid_m * n_cols + lcols, tl.sum(dz, axis=0), mask=cmask)
 
 
-def chunk_plan(n: int, vocab: int, hdim: int, elt: int, gather: bool, block_m: int, block_n: int,
-               budget: int | None = None, chunks: str | None = None):
-    """("tokens", Nc) or ("vocab", Vc): the gemm backward's chunks (see the module doc).
-
-    Token chunks: Nc = budget // (V e) rows, rounded down to a multiple of block_m (at least block_m).
-    Vocab chunks: Vc = (budget - N H e if the valid rows must be gathered) // (N e) columns, rounded
-    down to a multiple of block_n (at least block_n).  "auto" takes the longer chunk (the K of the
-    GEMM that accumulates across chunks: the longer it is, the fewer float32 read-modify-writes of
-    the accumulator), token chunks on a tie.
-    """
-    budget = DZ_BUDGET_BYTES if budget is None else budget
-    chunks = CHUNKS if chunks is None else chunks
-    nc = max(block_m, budget // (vocab * elt) // block_m * block_m)
-    free = budget - (n * hdim * elt if gather else 0)
-    vc = max(block_n, free // (max(n, 1) * elt) // block_n * block_n) if free > 0 else 0
-    if chunks == "tokens" or (chunks == "auto" and min(nc, n) >= min(vc, vocab)):
-        return "tokens", min(nc, n)
-    if chunks not in ("auto", "tokens", "vocab"):
-        raise ValueError(f"CHUNKS must be 'auto', 'tokens' or 'vocab', got {chunks!r}")
-    return "vocab", min(max(vc, block_n), vocab)
-
-
 @functools.cache
 def _lowp_gemm_mode(device: torch.device, dtype: torch.dtype) -> str:
     """How `_acc_mm` gets float32 results from bf16/fp16 operands on this device:
@@ -418,9 +396,9 @@ def _bwd_gemm(g, h2, weight, bias, y, idx, lse, temperature: float, dh, need_dw:
     db = torch.zeros((vocab,), dtype=torch.float32, device=dev) if need_db else None
     if n == 0 or not (dh is not None or need_dw or need_db):
         return dw, db
-    elt = h2.element_size()
     all_rows = n == h2.shape[0]  # then idx = arange(NT): h2 is the compacted hidden
-    orient, size = chunk_plan(n, vocab, hdim, elt, not all_rows and need_dw, cfg.block_m, cfg.block_n)
+    walk = plan.gemm_plan(n, vocab, hdim, h2.element_size(), gather=not all_rows, block_m=cfg.block_m,
+                          block_n=cfg.block_n, budget=DZ_BUDGET_BYTES, split=CHUNKS)
     launch = dict(
         HAS_BIAS=bias is not None, NEED_DB=need_db,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
@@ -441,32 +419,21 @@ def _bwd_gemm(g, h2, weight, bias, y, idx, lse, temperature: float, dh, need_dw:
             db[c0 : c0 + n_cols] += dbp.sum(0)
         return dz
 
-    if orient == "tokens":
-        for r0 in range(0, n, size):
-            rows = idx[r0 : r0 + size]
-            dz = dz_chunk(r0, rows.numel(), 0, vocab)
-            if dh is not None:
-                dh_c = torch.zeros((rows.numel(), hdim), dtype=torch.float32, device=dev)
-                _acc_mm(dh_c, dz, weight)
-                dh.index_copy_(0, rows, dh_c.to(dtype))
-                del dh_c
-            if need_dw:
-                _acc_mm(dw, dz.T, h2.index_select(0, rows))
-            del dz
-    else:
-        h_c = h2 if all_rows else (h2.index_select(0, idx) if need_dw else None)
-        dh_acc = torch.zeros((n, hdim), dtype=torch.float32, device=dev) if dh is not None else None
-        for c0 in range(0, vocab, size):
-            n_cols = min(size, vocab - c0)
-            dz = dz_chunk(0, n, c0, n_cols)
+    for r0 in range(0, n, walk.tokens):  # token blocks (plan.py): one unless N is large against V
+        rows = idx[r0 : r0 + walk.tokens]
+        h_block = h2[r0 : r0 + rows.numel()] if all_rows else (h2.index_select(0, rows) if need_dw else None)
+        dh_acc = torch.zeros((rows.numel(), hdim), dtype=torch.float32, device=dev) if dh is not None else None
+        for c0 in range(0, vocab, walk.vocab):  # vocab chunks: d hidden accumulates over them in float32
+            n_cols = min(walk.vocab, vocab - c0)
+            dz = dz_chunk(r0, rows.numel(), c0, n_cols)
             if dh_acc is not None:
                 _acc_mm(dh_acc, dz, weight[c0 : c0 + n_cols])
-            if need_dw:
-                _acc_mm(dw[c0 : c0 + n_cols], dz.T, h_c)
+            if need_dw:  # d weight accumulates over token blocks in float32
+                _acc_mm(dw[c0 : c0 + n_cols], dz.T, h_block)
             del dz
-        del h_c
-        if dh is not None:
-            dh.index_copy_(0, idx, dh_acc.to(dtype))
+        if dh_acc is not None:
+            dh.index_copy_(0, rows, dh_acc.to(dtype))
+        del h_block, dh_acc
     return dw, db
 
 
