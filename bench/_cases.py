@@ -92,6 +92,9 @@ CASES = (
     # CPU acceptance shape: N = 4096 tokens (2B=8, T=512), H=256, V=32000.
     Case("cpu_acceptance", "cpu", "float32", 8, 512, 256, 32000, 1.0, full_only=True, warmup_rounds=1, rounds=7,
          compile_ok=False),
+    # A real head scaled to CPU: Llama-3-8B's vocabulary, H = 2048, N = 2048 tokens (2B=4, T=512).
+    Case("cpu_head", "cpu", "float32", 4, 512, 2048, 128256, 1.0, full_only=True, warmup_rounds=1, rounds=3,
+         compile_ok=False),
     # CUDA, bf16: four LM heads x N in {2k, 8k, 32k} x 100/50/10% response tokens.
     *(_cuda_case(m, n, f) for m in MODELS for n in CUDA_TOKENS for f in CUDA_RESPONSE_FRACTIONS),
     # float32 spot check.
