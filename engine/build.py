@@ -137,11 +137,22 @@ def setup_logging(run_dir: str, d: parallel.Dist) -> None:
     process); warnings of libraries (warnings.warn) go to train.log only, never through the bar. Calling it
     again (another run in the same process) replaces what an earlier call installed."""
     fmt = logging.Formatter("%(asctime)s %(message)s")
-    root, py_warnings = logging.getLogger(), logging.getLogger("py.warnings")
-    for logger in (root, py_warnings):
+    root = logging.getLogger()
+    # library warnings: warnings.warn, and transformers' own warning records (deprecations, ...)
+    py_warnings = logging.getLogger("py.warnings")
+    for logger in (root, py_warnings, logging.getLogger("transformers")):
         for handler in [h for h in logger.handlers if getattr(h, "_rebel", False)]:
             logger.removeHandler(handler)
             handler.close()
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
+        if d.is_main:
+            hf_logging.disable_default_handler()  # its stderr handler: its records join py.warnings' file
+            hf_logging.get_logger().addHandler(_ForwardTo(py_warnings))
+    except ImportError:
+        pass
     root.setLevel(logging.INFO if d.is_main else logging.WARNING)
     handlers = [(_BarSafeHandler(), root)]
     if d.is_main:
@@ -154,12 +165,21 @@ def setup_logging(run_dir: str, d: parallel.Dist) -> None:
         logger.addHandler(handler)
     logging.captureWarnings(True)
     py_warnings.propagate = not d.is_main  # other ranks have no log file: their warnings reach stderr
-    try:
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
-    except ImportError:
-        pass
+
+class _ForwardTo(logging.Handler):
+    """Hands records to another logger's handlers (transformers' records -> train.log)."""
+
+    _rebel = True
+
+    def __init__(self, target: logging.Logger):
+        super().__init__()
+        self.target = target
+
+    def emit(self, record):
+        for handler in self.target.handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
 
 
 class ConfigChanged(ValueError):
