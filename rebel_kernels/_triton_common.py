@@ -97,3 +97,15 @@ def _scaled_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     return tl.where(cmask[None, :], acc * inv_temp, float("-inf"))
+
+
+@triton.jit
+def _grouped_tile(pid, num_m, num_v, GROUP_M: tl.constexpr):
+    """(token block, vocab tile) of program `pid` in grouped order: GROUP_M token blocks sweep the
+    vocab tiles together, so a weight tile is reused from L2 by GROUP_M programs in a row."""
+    per_group = GROUP_M * num_v
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_v = (pid % per_group) // group_rows
+    return pid_m, pid_v

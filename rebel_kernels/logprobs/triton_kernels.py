@@ -42,7 +42,15 @@ import triton.language as tl
 from .. import _alloc
 from .._backend import interpreting  # noqa: F401  (the one interpreter switch, re-exported for tests)
 from .._tiles import TileConfig, tile_config  # noqa: F401  (TileConfig: for callers passing config=)
-from .._triton_common import _dot_precision, _scaled_logits_tile, _upcast_dot, _use_tma, _weight_desc, _weight_tile
+from .._triton_common import (
+    _dot_precision,
+    _grouped_tile,
+    _scaled_logits_tile,
+    _upcast_dot,
+    _use_tma,
+    _weight_desc,
+    _weight_tile,
+)
 from . import plan
 
 
@@ -181,15 +189,7 @@ def _bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M token blocks sweep the vocab tiles together, for L2 reuse.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N, BLOCK_M)
-    num_v = tl.cdiv(V, BLOCK_N)
-    per_group = GROUP_M * num_v
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_v = (pid % per_group) // group_rows
+    pid_m, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
@@ -302,15 +302,7 @@ def _dz_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M token blocks sweep the vocab tiles together, for L2 reuse.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(n_rows, BLOCK_M)
-    num_v = tl.cdiv(n_cols, BLOCK_N)
-    per_group = GROUP_M * num_v
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_v = (pid % per_group) // group_rows
+    pid_m, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_cols, BLOCK_N), GROUP_M)
 
     lrows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = lrows < n_rows
