@@ -29,7 +29,7 @@ def gumbel_sample_torch(hidden, weight, bias, temperature: float, generator: tor
     tokens = _alloc.empty((rows,), dtype=torch.int64, device=dev)
     logprobs = _alloc.empty((rows,), dtype=acc, device=dev)
     for r0 in range(0, rows, TORCH_ROW_CHUNK):
-        hc = hidden[r0 : r0 + TORCH_ROW_CHUNK]
+        hc = hidden[r0 : r0 + TORCH_ROW_CHUNK].to(acc)  # products and sums in float32 (float64 for float64)
         n = hc.shape[0]
         best = torch.full((n,), float("-inf"), dtype=acc, device=dev)
         idx = torch.zeros((n,), dtype=torch.int64, device=dev)
@@ -37,8 +37,8 @@ def gumbel_sample_torch(hidden, weight, bias, temperature: float, generator: tor
         m = torch.full((n,), float("-inf"), dtype=acc, device=dev)
         s = torch.zeros((n,), dtype=acc, device=dev)
         for v0 in range(0, vocab, TORCH_VOCAB_CHUNK):
-            bc = None if bias is None else bias[v0 : v0 + TORCH_VOCAB_CHUNK]
-            z = _logits_tile(hc, weight[v0 : v0 + TORCH_VOCAB_CHUNK], bc, inv_temp)  # [n, c]
+            bc = None if bias is None else bias[v0 : v0 + TORCH_VOCAB_CHUNK].to(acc)
+            z = _logits_tile(hc, weight[v0 : v0 + TORCH_VOCAB_CHUNK].to(acc), bc, inv_temp)  # [n, c]
             score = z
             if add_noise:
                 u = torch.rand(z.shape, generator=generator, dtype=acc, device=dev)
