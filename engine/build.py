@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from engine import config as config_mod
-from engine import data, guard, lora, parallel, precision, rewards, rollout
+from engine import data, guard, head, lora, parallel, precision, rewards, rollout
 from engine.checkpoint import Checkpointer, write_text_atomically
 from engine.generate import Sampler, eos_token_ids
 from engine.metrics import MetricsLogger, PhaseTimer, Progress
@@ -235,6 +235,9 @@ def load_models(cfg: config_mod.TrainConfig, device):
     policy.eval().to(device)
     if reference is not None:
         reference.eval().requires_grad_(False).to(device)
+    for lm in (policy, reference):  # the LM head's description reproduces the model's own logits, or we stop
+        if lm is not None:
+            head.check_against_model(lm)
     return policy, reference, tokenizer
 
 

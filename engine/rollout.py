@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from engine.generate import Rollout
+from engine.head import Head
 from rebel_kernels import fused_token_logprobs
 
 IGNORE = -100
@@ -17,7 +18,8 @@ IGNORE = -100
 
 class PolicyLogprobs(nn.Module):
     """Wraps a Hugging Face causal LM: response token log-probabilities straight from the final hidden
-    states and the LM head through `fused_token_logprobs` (no logits). Under FSDP2 this wrapper is the
+    states and the LM head (`engine/head.py`: weight, bias, logit scale, soft-cap) through
+    `fused_token_logprobs` (no logits). Under FSDP2 this wrapper is the
     root module, so inside forward the LM head weight is the gathered tensor.
 
     `autocast_dtype` (one unsharded process with a bf16 compute dtype; FSDP2's MixedPrecisionPolicy does
@@ -40,12 +42,10 @@ class PolicyLogprobs(nn.Module):
             hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                         use_cache=False).last_hidden_state
         hidden = hidden[:, start - 1 : start - 1 + n]
-        head = self.lm.get_output_embeddings()
-        weight, bias = head.weight, head.bias
+        head = Head.from_model(self.lm)  # read here: under FSDP2 the gathered weight
         if self.autocast_dtype:  # the op takes one dtype; the cast is differentiable (fp32 master grads)
-            hidden, weight = hidden.to(self.autocast_dtype), weight.to(self.autocast_dtype)
-            bias = None if bias is None else bias.to(self.autocast_dtype)
-        return fused_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature)
+            hidden, head = hidden.to(self.autocast_dtype), head.to(self.autocast_dtype)
+        return fused_token_logprobs(hidden, head.weight, labels, temperature=temperature, **head.op_kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
