@@ -1,6 +1,8 @@
 """Triton helpers shared by the token log-probability kernels (rebel_kernels/logprobs) and the
-Gumbel-max sampler (rebel_kernels/gumbel): the on-chip tile of logits z = (h W^T + b) / T and the
-launch-time choices it depends on (dot precision, the interpreter's bf16 upcast, TMA weight loads).
+Gumbel-max sampler (rebel_kernels/gumbel): the on-chip tile of logits
+z = softcap_fn(logit_scale * (h W^T + b)) / T (softcap_fn(x) = cap * tanh(x / cap), or the identity)
+and the launch-time choices it depends on (dot precision, the interpreter's bf16 upcast, TMA weight
+loads, the scalars of the logit transforms).
 
 Imports triton: only the Triton launch paths import this module (see rebel_kernels/_backend.py).
 """
@@ -86,17 +88,62 @@ def _logits_tile(h_ptr, src, rmask, w_ptr, w_desc, v0, cols, cmask, H, stride_h,
     return acc
 
 
+def logit_transform(temperature: float, logit_scale: float, softcap: float | None) -> tuple[float, float, float]:
+    """The scalars the kernels take for z = softcap_fn(logit_scale * pre) / T, pre = h W^T + b:
+    (z_scale, cap_over_temp, grad_scale) with
+      softcap None:  z = pre * z_scale,                     z_scale = logit_scale / T
+      softcap cap:   z = cap_over_temp * tanh(pre * z_scale), z_scale = logit_scale / cap, cap_over_temp = cap / T
+    and grad_scale = logit_scale / T (dL/dpre = dL/dz * grad_scale * (1 - tanh^2) with softcap, without the
+    last factor otherwise). At the defaults (1.0, None) z_scale = grad_scale = 1.0 / T exactly."""
+    if softcap is None:
+        return logit_scale / temperature, 1.0, logit_scale / temperature
+    return logit_scale / softcap, softcap / temperature, logit_scale / temperature
+
+
 @triton.jit
-def _scaled_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask, H, stride_h, stride_w, inv_temp,
-                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                        USE_TMA: tl.constexpr):
-    """z = (h W^T + b) / T for one tile, float32, -inf outside the columns in `cmask`.  -> [BLOCK_M, BLOCK_N]"""
+def _tanh(x):
+    """tanh in float32 from one exp (Triton's interpreter has no libdevice): sign(x) (1 - e) / (1 + e),
+    e = exp(-2|x|) in (0, 1], so nothing overflows; the absolute error is a few float32 ulps of 1
+    (1 - e is exact for e >= 1/2), i.e. a few ulps of the cap in the capped logits."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _head_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask, H, stride_h, stride_w,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                      USE_TMA: tl.constexpr):
+    """pre = h W^T + b for one tile, float32, 0 outside the columns in `cmask`.  -> [BLOCK_M, BLOCK_N]"""
     acc = _logits_tile(h_ptr, src, rmask, w_ptr, w_desc, v0, cols, cmask, H, stride_h, stride_w,
                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    return tl.where(cmask[None, :], acc * inv_temp, float("-inf"))
+    return acc
+
+
+@triton.jit
+def _final_logits(pre, cmask, z_scale, cap_over_temp, HAS_SOFTCAP: tl.constexpr):
+    """z from pre = h W^T + b (see `logit_transform`), -inf outside the columns in `cmask`."""
+    if HAS_SOFTCAP:
+        z = _tanh(pre * z_scale) * cap_over_temp
+    else:
+        z = pre * z_scale
+    return tl.where(cmask[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _scaled_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask, H, stride_h, stride_w,
+                        z_scale, cap_over_temp,
+                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+    """z = softcap_fn(logit_scale * (h W^T + b)) / T for one tile (scalars from `logit_transform`), float32,
+    -inf outside the columns in `cmask`.  -> [BLOCK_M, BLOCK_N]"""
+    pre = _head_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask, H, stride_h, stride_w,
+                            HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
+    return _final_logits(pre, cmask, z_scale, cap_over_temp, HAS_SOFTCAP)
 
 
 @triton.jit

@@ -28,6 +28,17 @@ def positive_finite(name: str, value) -> float:
     return float(value)
 
 
+def logit_transforms(logit_scale, softcap) -> tuple[float, float | None]:
+    """The LM head's final transforms: logit_scale finite and > 0, softcap None (off) or finite and > 0.
+    Returns them as (float, float or None)."""
+    logit_scale = positive_finite("logit_scale", logit_scale)
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap must be a real number or None (off), got {softcap!r}")
+        softcap = positive_finite("softcap", softcap)
+    return logit_scale, softcap
+
+
 def unshard(name: str, value):
     """A DTensor weight must be gathered by the caller: a shard would silently give wrong logits."""
     try:

@@ -15,9 +15,12 @@ def sample_from_hidden(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ):
-    """Sample one token per row from softmax((hidden @ weight.T + bias) / temperature), without
-    materializing the [R, V] logits and without a host sync.
+    """Sample one token per row from softmax(z), z = softcap_fn(logit_scale * (hidden @ weight.T + bias))
+    / temperature (softcap_fn(x) = softcap * tanh(x / softcap), the identity when softcap is None),
+    without materializing the [R, V] logits and without a host sync.
 
     Plain temperature sampling (no top-k/top-p) by the Gumbel-max trick: token = argmax_v (z_v + G_v)
     with i.i.d. Gumbel(0, 1) noise G, tile by tile over the vocabulary; logits accumulate in float32.
@@ -28,6 +31,12 @@ def sample_from_hidden(
         bias: optional [V] head bias.
         temperature: finite and > 0; logits are divided by it (the same temperature the training
             log-probabilities must use).
+        logit_scale: finite, > 0, multiplies the head's logits before the softcap and the temperature:
+            Cohere/Cohere2 `config.logit_scale`, Granite 1 / `config.logits_scaling`, else 1.0.
+        softcap: None (off) or a finite cap > 0: logits x become softcap * tanh(x / softcap) before the
+            temperature: Gemma-2/3 `config.final_logit_softcapping`. Use the same logit_scale and
+            softcap as the training log-probabilities (`fused_token_logprobs`), so the sampled
+            distribution is the model's and the returned log-probabilities are the policy's.
         generator: a torch.Generator on hidden's device, or None for the device's default one. Each
             call advances it; the same generator state gives the same tokens (on the same backend,
             device and tile configuration).
@@ -40,9 +49,12 @@ def sample_from_hidden(
     weight = _validate.unshard("weight", weight)
     bias = None if bias is None else _validate.unshard("bias", bias)
     temperature = _validate.hidden_sample_inputs(hidden, weight, bias, temperature, generator)
+    logit_scale, softcap = _validate.logit_transforms(logit_scale, softcap)
     if _backend.resolve(hidden) == "torch":
-        return torch_impl.gumbel_sample_torch(hidden, weight, bias, temperature, generator)
+        return torch_impl.gumbel_sample_torch(hidden, weight, bias, temperature, generator,
+                                              logit_scale=logit_scale, softcap=softcap)
     from . import triton_kernels  # imports triton: only on the Triton path
 
     seed = triton_kernels.draw_seed(generator, hidden.device)
-    return triton_kernels.gumbel_sample_triton(hidden, weight, bias, temperature, seed)
+    return triton_kernels.gumbel_sample_triton(hidden, weight, bias, temperature, seed,
+                                               logit_scale=logit_scale, softcap=softcap)

@@ -18,9 +18,10 @@ TORCH_VOCAB_CHUNK = 4096
 
 
 def gumbel_sample_torch(hidden, weight, bias, temperature: float, generator: torch.Generator | None, *,
-                        add_noise: bool = True):
+                        add_noise: bool = True, logit_scale: float = 1.0, softcap: float | None = None):
     """The chunked PyTorch path. Returns (tokens int64 [R], logprobs [R]) (float32; float64 for
-    float64 inputs). Uniforms come from `torch.rand(..., generator=generator)`, one
+    float64 inputs), with logits z = softcap_fn(logit_scale * (hidden W^T + b)) / temperature
+    (`rebel_kernels.logprobs.torch_impl._logits_tile`). Uniforms come from `torch.rand(..., generator=generator)`, one
     [<= TORCH_ROW_CHUNK, <= TORCH_VOCAB_CHUNK] draw per chunk, rows outer, columns inner."""
     inv_temp = 1.0 / temperature
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -38,7 +39,8 @@ def gumbel_sample_torch(hidden, weight, bias, temperature: float, generator: tor
         s = torch.zeros((n,), dtype=acc, device=dev)
         for v0 in range(0, vocab, TORCH_VOCAB_CHUNK):
             bc = None if bias is None else bias[v0 : v0 + TORCH_VOCAB_CHUNK].to(acc)
-            z = _logits_tile(hc, weight[v0 : v0 + TORCH_VOCAB_CHUNK].to(acc), bc, inv_temp)  # [n, c]
+            z = _logits_tile(hc, weight[v0 : v0 + TORCH_VOCAB_CHUNK].to(acc), bc, inv_temp,
+                             logit_scale, softcap)  # [n, c]
             score = z
             if add_noise:
                 u = torch.rand(z.shape, generator=generator, dtype=acc, device=dev)

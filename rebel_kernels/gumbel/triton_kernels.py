@@ -4,7 +4,8 @@ Imported only when the backend resolves to "triton" (rebel_kernels/gumbel/api.py
 lazily). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1:
   1. `_gumbel_partial_kernel`, grid (vocab splits, row blocks): for its rows and its fixed slice of
      SPLIT_V vocabulary columns, tile by tile (BLOCK_N columns, the on-chip matmul tiled over H by
-     BLOCK_K as in `rebel_kernels._triton_common._scaled_logits_tile`): the running max of z + G and
+     BLOCK_K as in `rebel_kernels._triton_common._scaled_logits_tile`, which also applies the logit
+     scale and the softcap, a constexpr switch HAS_SOFTCAP): the running max of z + G and
      its column, z at that column, and the online log-sum-exp (m, s = sum exp(z - m)) of z.
   2. `_gumbel_combine_kernel`, one program per BLOCK rows: merges the splits in increasing order.
   The noise of (r, v) is U = tl.rand(seed, r * V + v) (Philox 4x32-10, int64 counter), so it does
@@ -24,7 +25,7 @@ import triton.language as tl
 
 from .. import _alloc
 from .._tiles import TileConfig, tile_config
-from .._triton_common import _dot_precision, _scaled_logits_tile, _upcast_dot
+from .._triton_common import _dot_precision, _scaled_logits_tile, _upcast_dot, logit_transform
 
 SEED_HIGH = 2**63 - 1  # seeds are drawn uniformly from [0, SEED_HIGH): all 64 bits key Philox
 
@@ -44,8 +45,8 @@ def _gumbel_noise(seed, rows, cols, V):
 def _gumbel_partial_kernel(
     h_ptr, w_ptr, b_ptr, seed_ptr,              # hidden [R, H], weight [V, H], bias [V], seed [1] int64
     best_ptr, zsel_ptr, m_ptr, s_ptr, idx_ptr,  # partials [num_splits, R]: float32 x 4, int32
-    R, V, H, stride_h, stride_w, inv_temp,
-    HAS_BIAS: tl.constexpr, ADD_NOISE: tl.constexpr, SPLIT_V: tl.constexpr,
+    R, V, H, stride_h, stride_w, z_scale, cap_over_temp,  # _triton_common.logit_transform
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ADD_NOISE: tl.constexpr, SPLIT_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -70,8 +71,8 @@ def _gumbel_partial_kernel(
         cols = v0 + tl.arange(0, BLOCK_N)
         cmask = cols < v_end
         z = _scaled_logits_tile(h_ptr, src, rmask, w_ptr, w_ptr, b_ptr, v0, cols, cmask, H, stride_h, stride_w,
-                                inv_temp, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST,
-                                False)  # [BLOCK_M, BLOCK_N]
+                                z_scale, cap_over_temp, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K,
+                                DOT_PRECISION, UPCAST, False)  # [BLOCK_M, BLOCK_N]
         if ADD_NOISE:
             score = z + _gumbel_noise(seed, rows, cols, V)
         else:
@@ -154,8 +155,10 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_sample_triton(hidden, weight, bias, temperature: float, seed: torch.Tensor | None, *,
-                         config: TileConfig | None = None, add_noise: bool = True):
-    """hidden [R, H], weight [V, H], bias [V] or None, seed [1] int64 on the device.
+                         config: TileConfig | None = None, add_noise: bool = True, logit_scale: float = 1.0,
+                         softcap: float | None = None):
+    """hidden [R, H], weight [V, H], bias [V] or None, seed [1] int64 on the device; logits
+    z = softcap_fn(logit_scale * (hidden W^T + b)) / temperature.
     Returns (tokens int64 [R], logprobs float32 [R]). `add_noise=False` gives the plain argmax of z
     (used by the tests to check tie breaking; the seed may then be None)."""
     if seed is None:
@@ -170,13 +173,14 @@ def gumbel_sample_triton(hidden, weight, bias, temperature: float, seed: torch.T
     split_v = min(cfg.split_v, triton.cdiv(vocab, cfg.block_n) * cfg.block_n)
     num_splits = triton.cdiv(vocab, split_v)
     dev = hidden.device
+    z_scale, cap_over_temp, _ = logit_transform(temperature, logit_scale, softcap)
     parts = _alloc.empty((4, num_splits, rows), dtype=torch.float32, device=dev)  # best, zsel, m, s
     part_idx = _alloc.empty((num_splits, rows), dtype=torch.int32, device=dev)
     _gumbel_partial_kernel[(num_splits, triton.cdiv(rows, cfg.block_m))](
         hidden, weight, bias if bias is not None else weight, seed,
         parts[0], parts[1], parts[2], parts[3], part_idx,
-        rows, vocab, hdim, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-        HAS_BIAS=bias is not None, ADD_NOISE=add_noise, SPLIT_V=split_v,
+        rows, vocab, hdim, hidden.stride(0), weight.stride(0), z_scale, cap_over_temp,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, ADD_NOISE=add_noise, SPLIT_V=split_v,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_upcast_dot(hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

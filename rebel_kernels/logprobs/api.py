@@ -18,8 +18,13 @@ def fused_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ):
-    """Per-token log-probabilities log softmax((hidden @ weight.T + bias) / temperature)[labels].
+    """Per-token log-probabilities log softmax(z)[labels] of the logits
+        z = softcap_fn(logit_scale * (hidden @ weight.T + bias)) / temperature,
+        softcap_fn(x) = softcap * tanh(x / softcap)   (the identity when softcap is None),
+    i.e. (hidden @ weight.T + bias) / temperature at the defaults.
 
     Never materializes the [tokens, vocab] logits; accumulates in float32.
 
@@ -30,8 +35,14 @@ def fused_token_logprobs(
         labels: [...] int64, already shifted (`hidden[..., t, :]` predicts `labels[..., t]`);
             positions equal to `ignore_index` are skipped and cost no work.
         bias: optional [V] head bias.
-        temperature: the sampling temperature; logits are divided by it.
+        temperature: the sampling temperature; logits are divided by it, after the two transforms below.
         return_entropy: also return the per-token entropy (detached: for logging only).
+        logit_scale: finite, > 0: multiplies the head's logits, as the model's own forward does. Cohere
+            and Cohere2 set it (`config.logit_scale`); Granite divides by `config.logits_scaling`, so
+            pass `1 / logits_scaling`. 1.0 for every other model.
+        softcap: None (off), or a finite cap > 0: logits x become softcap * tanh(x / softcap), applied
+            after logit_scale and before the temperature, as in transformers. Gemma-2 and Gemma-3 set it
+            (`config.final_logit_softcapping`, 30.0); None for models without it.
 
     Returns:
         float32 log-probabilities shaped like `labels`, exactly 0 at ignored positions (float64 for
@@ -40,9 +51,11 @@ def fused_token_logprobs(
     weight = _validate.unshard("weight", weight)
     bias = None if bias is None else _validate.unshard("bias", bias)
     temperature = _validate.token_inputs(hidden, weight, labels, bias, temperature, ignore_index)
+    logit_scale, softcap = _validate.logit_transforms(logit_scale, softcap)
     backend = _backend.resolve(hidden)
     logp, _, entropy = torch.ops.rebel_kernels.token_logprobs(
-        hidden, weight, bias, labels, temperature, int(ignore_index), bool(return_entropy), backend
+        hidden, weight, bias, labels, temperature, int(ignore_index), bool(return_entropy), backend,
+        logit_scale, softcap,
     )
     return (logp, entropy.detach()) if return_entropy else logp
 
@@ -59,6 +72,8 @@ def fused_rebel_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The REBEL regression loss, fused from hidden states to the squared error.
 
@@ -69,6 +84,10 @@ def fused_rebel_loss(
     Args:
         hidden: [2B, T, H]; rows 0..B-1 are the responses y, rows B..2B-1 their partners y'.
         weight, bias, labels, temperature, ignore_index: as in `fused_token_logprobs`.
+        logit_scale, softcap: the LM head's final transforms, as in `fused_token_logprobs`: set them
+            from the model config (Gemma-2/3: softcap=config.final_logit_softcapping; Cohere/Cohere2:
+            logit_scale=config.logit_scale; Granite: logit_scale=1 / config.logits_scaling), so the
+            log-probabilities are the model's own.
         old_logprobs: log pi_old, per token [2B, T] (ignored where labels == ignore_index) or per
             sequence [2B].
         rewards: [2B] rewards of each response.
@@ -82,9 +101,10 @@ def fused_rebel_loss(
     bias = None if bias is None else _validate.unshard("bias", bias)
     temperature = _validate.token_inputs(hidden, weight, labels, bias, temperature, ignore_index)
     eta = _validate.loss_inputs(hidden, labels, old_logprobs, rewards, eta, reduction)
+    logit_scale, softcap = _validate.logit_transforms(logit_scale, softcap)
     backend = _backend.resolve(hidden)
     logp, _, _ = torch.ops.rebel_kernels.token_logprobs(
-        hidden, weight, bias, labels, temperature, int(ignore_index), False, backend
+        hidden, weight, bias, labels, temperature, int(ignore_index), False, backend, logit_scale, softcap,
     )
     return _pair_loss(logp, labels, old_logprobs, rewards, eta, int(ignore_index), reduction, backend)
 
@@ -128,13 +148,18 @@ class FusedRebelLoss(nn.Module):
 
     >>> loss_fn = FusedRebelLoss(eta=1.0, temperature=0.7)
     >>> loss = loss_fn(hidden, model.lm_head, labels, old_logprobs, rewards)
+
+    For a Gemma-2/3 head: FusedRebelLoss(softcap=config.final_logit_softcapping); Cohere:
+    logit_scale=config.logit_scale; Granite: logit_scale=1 / config.logits_scaling (see
+    `fused_token_logprobs`). These two are checked here (TypeError / ValueError naming them).
     """
 
     def __init__(self, *, eta: float = 1.0, temperature: float = 1.0, ignore_index: int = -100,
-                 reduction: str = "mean"):
+                 reduction: str = "mean", logit_scale: float = 1.0, softcap: float | None = None):
         super().__init__()
         self.eta, self.temperature = eta, temperature
         self.ignore_index, self.reduction = ignore_index, reduction
+        self.logit_scale, self.softcap = _validate.logit_transforms(logit_scale, softcap)
 
     def forward(self, hidden, lm_head: nn.Linear, labels, old_logprobs, rewards) -> torch.Tensor:
         if not isinstance(lm_head, nn.Linear):
@@ -142,7 +167,10 @@ class FusedRebelLoss(nn.Module):
         return fused_rebel_loss(
             hidden, lm_head.weight, labels, old_logprobs, rewards, eta=self.eta, bias=lm_head.bias,
             temperature=self.temperature, ignore_index=self.ignore_index, reduction=self.reduction,
+            logit_scale=self.logit_scale, softcap=self.softcap,
         )
 
     def extra_repr(self) -> str:
-        return f"eta={self.eta}, temperature={self.temperature}, reduction={self.reduction!r}"
+        extra = "" if self.logit_scale == 1.0 else f", logit_scale={self.logit_scale}"
+        extra += "" if self.softcap is None else f", softcap={self.softcap}"
+        return f"eta={self.eta}, temperature={self.temperature}, reduction={self.reduction!r}{extra}"

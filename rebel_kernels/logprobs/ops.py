@@ -2,6 +2,7 @@
 
 Three ops, each dispatching to the Triton or the chunked PyTorch backend:
   rebel_kernels::token_logprobs           (hidden, weight, bias, labels) -> logp, lse, entropy
+                                          (logits softcap_fn(logit_scale * (h W^T + b)) / T)
   rebel_kernels::token_logprobs_backward  -> d hidden, d weight, d bias
   rebel_kernels::pair_loss                (logp [2B, T], labels, old, rewards) -> loss [B], err [B]
 Being custom ops, they are opaque to torch.compile (no graph break) and to FSDP2. The Triton
@@ -50,6 +51,7 @@ def _out_dtype(hidden: Tensor):
 def token_logprobs(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
     temperature: float, ignore_index: int, return_entropy: bool, backend: str,
+    logit_scale: float = 1.0, softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     y, valid, idx, pos = _compact(labels, ignore_index)
     _validate.label_values(y, valid, weight.shape[0])
@@ -59,11 +61,12 @@ def token_logprobs(
 
         logp, lse, ent = triton_kernels.token_logprobs_fwd(
             h2, weight.contiguous(), None if bias is None else bias.contiguous(), y, idx, pos, temperature,
-            return_entropy, out_shape=shape,
+            return_entropy, out_shape=shape, logit_scale=logit_scale, softcap=softcap,
         )
     else:
         logp_c, lse_c, ent_c = torch_impl.token_logprobs_fwd(
-            _take(h2, idx), weight, bias, _take(y, idx), temperature, return_entropy
+            _take(h2, idx), weight, bias, _take(y, idx), temperature, return_entropy,
+            logit_scale=logit_scale, softcap=softcap,
         )
         dtype = _out_dtype(hidden)
         logp, lse = _scatter(logp_c, idx, shape, dtype), _scatter(lse_c, idx, shape, dtype)
@@ -72,7 +75,8 @@ def token_logprobs(
 
 
 @token_logprobs.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, backend):
+def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, backend, logit_scale=1.0,
+      softcap=None):
     dtype = _out_dtype(hidden)
     logp = hidden.new_empty(labels.shape, dtype=dtype)
     ent = hidden.new_empty(labels.shape if return_entropy else (0,), dtype=dtype)
@@ -83,6 +87,7 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, b
 def token_logprobs_backward(
     grad: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor,
     temperature: float, ignore_index: int, need_dh: bool, need_dw: bool, need_db: bool, backend: str,
+    logit_scale: float = 1.0, softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     y, _, idx, _ = _compact(labels, ignore_index)
     h2 = _rows(hidden)
@@ -93,11 +98,12 @@ def token_logprobs_backward(
 
         dh, dw, db = triton_kernels.token_logprobs_bwd(  # dh: dense [NT, H] in hidden's dtype
             g, h2, weight.contiguous(), None if bias is None else bias.contiguous(), y, idx, lse_c, temperature,
-            need_dh, need_dw, need_db
+            need_dh, need_dw, need_db, logit_scale=logit_scale, softcap=softcap,
         )
     else:
         dh_c, dw, db = torch_impl.token_logprobs_bwd(
             g, _take(h2, idx), weight, bias, _take(y, idx), lse_c, temperature, need_dh, need_dw, need_db,
+            logit_scale=logit_scale, softcap=softcap,
         )
         dh = None
         if need_dh and idx.numel() == h2.shape[0] and dh_c.dtype == hidden.dtype:
@@ -112,7 +118,8 @@ def token_logprobs_backward(
 
 
 @token_logprobs_backward.register_fake
-def _(grad, hidden, weight, bias, labels, lse, temperature, ignore_index, need_dh, need_dw, need_db, backend):
+def _(grad, hidden, weight, bias, labels, lse, temperature, ignore_index, need_dh, need_dw, need_db, backend,
+      logit_scale=1.0, softcap=None):
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     dw = torch.empty_like(weight) if need_dw else hidden.new_empty(0)
     db = torch.empty_like(bias) if need_db else hidden.new_empty(0)
@@ -120,24 +127,24 @@ def _(grad, hidden, weight, bias, labels, lse, temperature, ignore_index, need_d
 
 
 def _token_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, _, backend = inputs
+    hidden, weight, bias, labels, temperature, ignore_index, _, backend, logit_scale, softcap = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[1])
-    ctx.args = (temperature, ignore_index, backend)
+    ctx.args = (temperature, ignore_index, backend, logit_scale, softcap)
 
 
 def _token_backward(ctx, grad_logp, grad_lse, grad_entropy):
     # lse and entropy are auxiliary outputs: the public API detaches the entropy, lse never leaves.
     hidden, weight, bias, labels, lse = ctx.saved_tensors
-    temperature, ignore_index, backend = ctx.args
+    temperature, ignore_index, backend, logit_scale, softcap = ctx.args
     need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
     need_db = need_db and bias is not None
     if grad_logp is None or not (need_dh or need_dw or need_db):
-        return (None,) * 8
+        return (None,) * 10
     dh, dw, db = torch.ops.rebel_kernels.token_logprobs_backward(
         grad_logp, hidden, weight, bias, labels, lse, temperature, ignore_index,
-        need_dh, need_dw, need_db, backend,
+        need_dh, need_dw, need_db, backend, logit_scale, softcap,
     )
-    return (dh if need_dh else None, dw if need_dw else None, db if need_db else None) + (None,) * 5
+    return (dh if need_dh else None, dw if need_dw else None, db if need_db else None) + (None,) * 7
 
 
 token_logprobs.register_autograd(_token_backward, setup_context=_token_setup)

@@ -9,6 +9,31 @@ from __future__ import annotations
 import torch
 
 
+def reference_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """z = softcap_fn(logit_scale * (hidden @ weight.T + bias)) / temperature, materialized [..., V], in
+    float32 (float64 for float64 inputs); softcap_fn(x) = softcap * tanh(x / softcap), the identity
+    when softcap is None. The order is transformers': the LM head, its logit scale (Cohere's
+    `logit_scale`, Granite's 1 / `logits_scaling`), Gemma-2/3's `final_logit_softcapping`, then the
+    sampling temperature."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = hidden.to(acc) @ weight.to(acc).T  # [..., V]
+    if bias is not None:
+        logits = logits + bias.to(acc)
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits / temperature
+
+
 def reference_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -18,13 +43,13 @@ def reference_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ):
-    """log softmax((hidden @ weight.T + bias) / temperature)[labels], 0 where labels == ignore_index."""
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits = hidden.to(acc) @ weight.to(acc).T  # [..., V]
-    if bias is not None:
-        logits = logits + bias.to(acc)
-    logits = logits / temperature
+    """log softmax(z)[labels], 0 where labels == ignore_index, with the logits z of `reference_logits`
+    (z = (hidden @ weight.T + bias) / temperature at the default logit_scale=1, softcap=None)."""
+    logits = reference_logits(hidden, weight, bias=bias, temperature=temperature, logit_scale=logit_scale,
+                              softcap=softcap)
     logsm = torch.log_softmax(logits, dim=-1)  # [..., V]
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
@@ -84,10 +109,13 @@ def reference_rebel_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The specification of `fused_rebel_loss` (same arguments), through materialized logits."""
     logp = reference_token_logprobs(
-        hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index
+        hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
+        logit_scale=logit_scale, softcap=softcap,
     )
     return reference_rebel_loss_from_logprobs(
         logp, labels, old_logprobs, rewards, eta=eta, ignore_index=ignore_index, reduction=reduction

@@ -4,9 +4,11 @@ tensors).
 It works on the compacted valid tokens only and walks them in blocks of `TOKEN_CHUNK` rows and
 the vocabulary in blocks of `VOCAB_CHUNK` columns, with an online log-sum-exp, so the largest
 temporary is one [TOKEN_CHUNK, VOCAB_CHUNK] float32 tile (2 MiB), never [tokens, vocab]. Each tile
-is transformed in place (one tile alive at a time); the backward recomputes it from the saved
-log-sum-exp, turns it into dz in place and accumulates d hidden and d weight into their float32
-buffers with addmm_ (no [chunk, H] or [tile, H] temporaries).
+of logits z = softcap_fn(logit_scale * (h W^T + b)) / T is transformed in place (one tile alive at a
+time); the backward recomputes it from the saved log-sum-exp, turns it into dz in place and
+accumulates d hidden and d weight into their float32 buffers with addmm_ (no [chunk, H] or [tile, H]
+temporaries). With a softcap the backward also holds the tile of 1 - tanh^2, and both tiles are half
+as wide, so its working memory stays one full tile.
 """
 from __future__ import annotations
 
@@ -20,18 +22,24 @@ def _acc_dtype(h: torch.Tensor) -> torch.dtype:
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
-def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, inv_temp: float):
-    """z = (h @ w.T + b) / T in float32 (float64 for float64 inputs), a fresh tensor.
+def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, inv_temp: float,
+                 logit_scale: float = 1.0, softcap: float | None = None):
+    """z = softcap_fn(logit_scale * (h @ w.T + b)) / T in float32 (float64 for float64 inputs), a fresh
+    tensor transformed in place (softcap_fn(x) = softcap * tanh(x / softcap), the identity for None).
     h [n, H], w [v, H] already in the accumulation dtype -> [n, v]."""
     z = torch.mm(h, w.T)
     if b is not None:
         z.add_(b)
-    if inv_temp != 1.0:
-        z.mul_(inv_temp)
+    if softcap is not None:
+        return z.mul_(logit_scale / softcap).tanh_().mul_(softcap * inv_temp)
+    scale = logit_scale * inv_temp  # = inv_temp exactly at logit_scale = 1
+    if scale != 1.0:
+        z.mul_(scale)
     return z
 
 
-def token_logprobs_fwd(h, w, b, labels, temperature: float, with_entropy: bool):
+def token_logprobs_fwd(h, w, b, labels, temperature: float, with_entropy: bool, *, logit_scale: float = 1.0,
+                       softcap: float | None = None):
     """Compacted rows h [N, H] with labels [N] in [0, V) -> (logp [N], lse [N], entropy [N] or None)."""
     inv_temp = 1.0 / temperature
     acc = _acc_dtype(h)
@@ -47,7 +55,7 @@ def token_logprobs_fwd(h, w, b, labels, temperature: float, with_entropy: bool):
         target = torch.zeros_like(m)
         for v0 in range(0, vocab, VOCAB_CHUNK):
             bv = None if b is None else b[v0 : v0 + VOCAB_CHUNK].to(acc)
-            z = _logits_tile(hc, w[v0 : v0 + VOCAB_CHUNK].to(acc), bv, inv_temp)
+            z = _logits_tile(hc, w[v0 : v0 + VOCAB_CHUNK].to(acc), bv, inv_temp, logit_scale, softcap)
             local = yc - v0
             hit = (local >= 0) & (local < z.shape[1])
             target += torch.where(hit, z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
@@ -70,38 +78,54 @@ def token_logprobs_fwd(h, w, b, labels, temperature: float, with_entropy: bool):
     return logp, lse, entropy
 
 
-def token_logprobs_bwd(grad, h, w, b, labels, lse, temperature: float, need_dh: bool, need_dw: bool, need_db: bool):
+def token_logprobs_bwd(grad, h, w, b, labels, lse, temperature: float, need_dh: bool, need_dw: bool, need_db: bool,
+                       *, logit_scale: float = 1.0, softcap: float | None = None):
     """Gradients of sum_n grad[n] * logp[n] for compacted rows.
 
-    d logp_n / d z_n = onehot(y_n) - softmax(z_n), z = (h W^T + b) / T, so with
-    dz_n = grad_n * (onehot(y_n) - p_n) / T:  dh = dz W,  dW = dz^T h,  db = sum_n dz_n.
+    d logp_n / d z_n = onehot(y_n) - softmax(z_n). With pre = h W^T + b, u = logit_scale * pre and
+    z = softcap_fn(u) / T, the gradient with respect to pre is
+        dz_n = grad_n * (onehot(y_n) - p_n) * logit_scale / T                      (softcap None)
+        dz_n = grad_n * (onehot(y_n) - p_n) * (1 - tanh^2(u / cap)) * logit_scale / T  (softcap cap)
+    and dh = dz W,  dW = dz^T h,  db = sum_n dz_n.
     Accumulated in float32 (float64 for float64 inputs) buffers, in place; returned in that dtype.
+    With a softcap the tile of 1 - tanh^2 is a second tile, so the vocabulary is walked in half
+    chunks: the working memory stays one [TOKEN_CHUNK, VOCAB_CHUNK] tile.
     """
     inv_temp = 1.0 / temperature
     acc = _acc_dtype(h)
     n, vocab = h.shape[0], w.shape[0]
+    chunk = VOCAB_CHUNK if softcap is None else max(1, VOCAB_CHUNK // 2)
     dh = torch.zeros(h.shape, dtype=acc, device=h.device) if need_dh else None
     dw = torch.zeros(w.shape, dtype=acc, device=h.device) if need_dw else None
     db = torch.zeros(vocab, dtype=acc, device=h.device) if need_db else None
     for r0 in range(0, n, TOKEN_CHUNK):
         hc, yc = h[r0 : r0 + TOKEN_CHUNK].to(acc), labels[r0 : r0 + TOKEN_CHUNK]
-        gc, lc = grad[r0 : r0 + TOKEN_CHUNK].to(acc) * inv_temp, lse[r0 : r0 + TOKEN_CHUNK]
+        gc, lc = grad[r0 : r0 + TOKEN_CHUNK].to(acc) * (logit_scale * inv_temp), lse[r0 : r0 + TOKEN_CHUNK]
         rows = torch.arange(hc.shape[0], device=h.device)
-        for v0 in range(0, vocab, VOCAB_CHUNK):
-            wv = w[v0 : v0 + VOCAB_CHUNK].to(acc)
-            bv = None if b is None else b[v0 : v0 + VOCAB_CHUNK].to(acc)
-            dz = _logits_tile(hc, wv, bv, inv_temp)
+        for v0 in range(0, vocab, chunk):
+            wv = w[v0 : v0 + chunk].to(acc)
+            bv = None if b is None else b[v0 : v0 + chunk].to(acc)
+            slope = None
+            if softcap is None:
+                dz = _logits_tile(hc, wv, bv, inv_temp, logit_scale)
+            else:
+                dz = _logits_tile(hc, wv, bv, 1.0).mul_(logit_scale / softcap).tanh_()  # tanh(u / cap)
+                slope = torch.mul(dz, dz).neg_().add_(1.0)  # 1 - tanh^2
+                dz.mul_(softcap * inv_temp)  # z
             dz.sub_(lc[:, None]).exp_().neg_()  # -p
             local = yc - v0
             hit = (local >= 0) & (local < dz.shape[1])
             dz[rows[hit], local[hit]] += 1.0  # onehot - p
+            if slope is not None:
+                dz.mul_(slope)
+                del slope
             dz.mul_(gc[:, None])
             if need_dh:
                 dh[r0 : r0 + TOKEN_CHUNK].addmm_(dz, wv)
             if need_dw:
-                dw[v0 : v0 + VOCAB_CHUNK].addmm_(dz.T, hc)
+                dw[v0 : v0 + chunk].addmm_(dz.T, hc)
             if need_db:
-                db[v0 : v0 + VOCAB_CHUNK] += dz.sum(0)
+                db[v0 : v0 + chunk] += dz.sum(0)
             del dz
     return dh, dw, db
 

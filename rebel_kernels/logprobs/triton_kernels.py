@@ -12,7 +12,8 @@ Forward (deterministic: fixed loop orders, no atomics, and per-row results that 
 the batch around the row, since the vocabulary is split at fixed offsets):
   1. `_fwd_partial_kernel`, grid (vocab splits, token blocks): for its token block and its slice of
      the vocabulary, the online max m, sum s = sum exp(z - m), sum exp(z - m) * z (entropy) and the
-     target logit, with z = (h W^T + b) / T computed tile by tile on chip.
+     target logit, with z = softcap_fn(logit_scale * (h W^T + b)) / T computed tile by tile on chip
+     (`_triton_common._scaled_logits_tile`; the softcap is a constexpr switch, HAS_SOFTCAP).
   2. `_fwd_combine_kernel`: merges the splits in a fixed order into lse, logp = z_y - lse and the
      entropy lse - E_p[z], and writes every dense position (0 where the label is ignored).
 Backward, two designs, chosen by REBEL_KERNELS_BWD (read on every call):
@@ -44,12 +45,16 @@ from .._backend import interpreting  # noqa: F401  (the one interpreter switch, 
 from .._tiles import TileConfig, tile_config  # noqa: F401  (TileConfig: for callers passing config=)
 from .._triton_common import (
     _dot_precision,
+    _final_logits,
     _grouped_tile,
+    _head_logits_tile,
     _scaled_logits_tile,
+    _tanh,
     _upcast_dot,
     _use_tma,
     _weight_desc,
     _weight_tile,
+    logit_transform,
 )
 from . import plan
 
@@ -61,8 +66,8 @@ from . import plan
 def _fwd_partial_kernel(
     h_ptr, idx_ptr, w_ptr, b_ptr, y_ptr,          # hidden [*, H], idx [N], weight [V, H], bias [V], labels [*]
     m_ptr, s_ptr, t_ptr, sz_ptr,                  # partials [num_splits, N] float32
-    N, V, H, stride_h, stride_w, inv_temp,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, SPLIT_V: tl.constexpr,
+    N, V, H, stride_h, stride_w, z_scale, cap_over_temp,   # _triton_common.logit_transform
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, SPLIT_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
 ):
@@ -86,7 +91,8 @@ def _fwd_partial_kernel(
         cols = v0 + tl.arange(0, BLOCK_N)
         cmask = cols < v_end
         z = _scaled_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask, H, stride_h, stride_w,
-                                inv_temp, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
+                                z_scale, cap_over_temp, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K,
+                                DOT_PRECISION, UPCAST, USE_TMA)
         t += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
@@ -136,8 +142,9 @@ def _fwd_combine_kernel(
 
 
 def token_logprobs_fwd(h2, weight, bias, y, idx, pos, temperature: float, with_entropy: bool, config=None,
-                       out_shape=None):
+                       out_shape=None, *, logit_scale: float = 1.0, softcap: float | None = None):
     """h2 [NT, H] (row-contiguous), y [NT], idx [N] valid flat rows, pos [NT] compact index or -1.
+    Logits z = softcap_fn(logit_scale * (h W^T + b)) / temperature (softcap None: no cap).
 
     Returns dense float32 (logp, lse, entropy or None), each of `out_shape` (default [NT]), contiguous.
     """
@@ -148,13 +155,14 @@ def token_logprobs_fwd(h2, weight, bias, y, idx, pos, temperature: float, with_e
     split_v = max(cfg.block_n, min(cfg.split_v, triton.cdiv(vocab, cfg.block_n) * cfg.block_n))
     num_splits = triton.cdiv(vocab, split_v)
     dev = h2.device
+    z_scale, cap_over_temp, _ = logit_transform(temperature, logit_scale, softcap)
     parts = _alloc.empty((4, num_splits, max(n, 1)), dtype=torch.float32, device=dev)
     if n > 0:
         _fwd_partial_kernel[(num_splits, triton.cdiv(n, cfg.block_m))](
             h2, idx, weight, bias if bias is not None else weight, y,
             parts[0], parts[1], parts[2], parts[3],
-            n, vocab, hdim, h2.stride(0), weight.stride(0), 1.0 / temperature,
-            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, SPLIT_V=split_v,
+            n, vocab, hdim, h2.stride(0), weight.stride(0), z_scale, cap_over_temp,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_entropy, SPLIT_V=split_v,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             DOT_PRECISION=_dot_precision(h2.dtype), UPCAST=_upcast_dot(h2.dtype), USE_TMA=_use_tma(weight, cfg),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -174,9 +182,13 @@ def token_logprobs_fwd(h2, weight, bias, y, idx, pos, temperature: float, with_e
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
-# For a token with label y, upstream gradient g = dL/dlogp and z = (h W^T + b) / T:
+# For a token with label y, upstream gradient g = dL/dlogp, pre = h W^T + b, u = logit_scale * pre and
+# z = softcap_fn(u) / T (softcap_fn(u) = cap * tanh(u / cap), or u when softcap is None):
 #   dL/dz_v = g * (1[v = y] - softmax(z)_v),   softmax(z)_v = exp(z_v - lse)
-#   dz := dL/d(h W^T + b) = g * (onehot(y) - p) / T                       [BLOCK_M, BLOCK_N], float32
+#   dz := dL/dpre = dL/dz * (1 / T) * (1 - tanh^2(u / cap)) * logit_scale   (HAS_SOFTCAP)
+#               = dL/dz * logit_scale / T                                    (no softcap)
+#      = g * (onehot(y) - p) * grad_scale [* (1 - tanh^2)],  grad_scale = logit_scale / T,
+#        tanh(u / cap) = tanh(pre * z_scale)                                  [BLOCK_M, BLOCK_N], float32
 #   dh += dz @ W[tile],   dW[tile] += dz^T @ h,   db[tile] += sum_m dz
 # dz is formed in float32 and rounded once to the input dtype for the two tensor-core products,
 # whose results are accumulated in float32 buffers (never summed in bf16).
@@ -184,8 +196,9 @@ def token_logprobs_fwd(h2, weight, bias, y, idx, pos, temperature: float, with_e
 def _bwd_kernel(
     h_ptr, idx_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr,   # lse, g: compact [N] float32
     dh_ptr, dw_ptr, db_ptr,                                # float32 accumulators [N, H], [V, H], [V]
-    N, V, H, stride_h, stride_w, inv_temp,
-    HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    N, V, H, stride_h, stride_w, z_scale, cap_over_temp, grad_scale,   # _triton_common.logit_transform
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
 ):
@@ -202,11 +215,15 @@ def _bwd_kernel(
 
     w_desc = _weight_desc(w_ptr, V, H, stride_w, BLOCK_N, BLOCK_K, USE_TMA)
     v0 = pid_v * BLOCK_N
-    z = _scaled_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask, H, stride_h, stride_w,
-                            inv_temp, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
+    pre = _head_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask, H, stride_h, stride_w,
+                            HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
+    z = _final_logits(pre, cmask, z_scale, cap_over_temp, HAS_SOFTCAP)
     p = tl.exp(z - lse[:, None])  # 0 outside the vocabulary
     onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
-    dz = (onehot - p) * (g * inv_temp)[:, None]
+    dz = (onehot - p) * (g * grad_scale)[:, None]
+    if HAS_SOFTCAP:
+        th = _tanh(pre * z_scale)
+        dz = dz * (1.0 - th * th)
     dz = tl.where(rmask[:, None] & cmask[None, :], dz, 0.0)
     if NEED_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=cmask, sem="relaxed")
@@ -246,23 +263,28 @@ def bwd_mode() -> str:
 
 
 def token_logprobs_bwd(g, h2, weight, bias, y, idx, lse, temperature: float,
-                       need_dh: bool, need_dw: bool, need_db: bool, config=None):
-    """g, lse: compact [N] float32.  Returns (dh [NT, H] dense in h2's dtype, 0 at ignored rows;
+                       need_dh: bool, need_dw: bool, need_db: bool, config=None, *, logit_scale: float = 1.0,
+                       softcap: float | None = None):
+    """g, lse: compact [N] float32; logit_scale, softcap as in `token_logprobs_fwd`.
+    Returns (dh [NT, H] dense in h2's dtype, 0 at ignored rows;
     dw [V, H] float32; db [V] float32), None for each gradient not needed."""
     dh = None
     if need_dh:
         dh = torch.zeros_like(h2, memory_format=torch.contiguous_format)
     if bwd_mode() == "atomic":
-        dh_c, dw, db = _bwd_atomic(g, h2, weight, bias, y, idx, lse, temperature, need_dh, need_dw, need_db, config)
+        dh_c, dw, db = _bwd_atomic(g, h2, weight, bias, y, idx, lse, temperature, need_dh, need_dw, need_db, config,
+                                   logit_scale=logit_scale, softcap=softcap)
         if need_dh:
             dh.index_copy_(0, idx, dh_c.to(h2.dtype))
         return dh, dw, db
-    dw, db = _bwd_gemm(g, h2, weight, bias, y, idx, lse, temperature, dh, need_dw, need_db, config)
+    dw, db = _bwd_gemm(g, h2, weight, bias, y, idx, lse, temperature, dh, need_dw, need_db, config,
+                       logit_scale=logit_scale, softcap=softcap)
     return dh, dw, db
 
 
 def _bwd_atomic(g, h2, weight, bias, y, idx, lse, temperature: float,
-                need_dh: bool, need_dw: bool, need_db: bool, config=None):
+                need_dh: bool, need_dw: bool, need_db: bool, config=None, *, logit_scale: float = 1.0,
+                softcap: float | None = None):
     """The atomic backward: float32 (dh [N, H] compact, dw [V, H], db [V]) or None each."""
     n = idx.numel()
     vocab, hdim = weight.shape
@@ -276,8 +298,9 @@ def _bwd_atomic(g, h2, weight, bias, y, idx, lse, temperature: float,
         _bwd_kernel[grid](
             h2, idx, weight, bias if bias is not None else weight, y, lse, g,
             dh if need_dh else g, dw if need_dw else g, db if need_db else g,
-            n, vocab, hdim, h2.stride(0), weight.stride(0), 1.0 / temperature,
-            HAS_BIAS=bias is not None, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
+            n, vocab, hdim, h2.stride(0), weight.stride(0), *logit_transform(temperature, logit_scale, softcap),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             DOT_PRECISION=_dot_precision(h2.dtype), UPCAST=_upcast_dot(h2.dtype), USE_TMA=_use_tma(weight, cfg),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -286,9 +309,12 @@ def _bwd_atomic(g, h2, weight, bias, y, idx, lse, temperature: float,
 
 
 # The gemm backward.  Same gradient as `_bwd_kernel` above, for a token n with label y_n, upstream
-# g_n = dL/dlogp_n, z_n = (h_n W^T + b) / T and lse_n from the forward:
-#   dz[n, v] = g_n * (1[v = y_n] - exp(z[n, v] - lse_n)) / T     float32 in registers, stored once
-#              rounded to the compute dtype (float32 inputs: float32)
+# g_n = dL/dlogp_n, pre_n = h_n W^T + b, u_n = logit_scale * pre_n, z_n = softcap_fn(u_n) / T and
+# lse_n from the forward (dz = dL/dpre = dL/dz * (1 / T) * (1 - tanh^2(u / cap)) * logit_scale):
+#   dz[n, v] = g_n * (1[v = y_n] - exp(z[n, v] - lse_n)) * logit_scale / T        (no softcap)
+#   dz[n, v] = g_n * (1[v = y_n] - exp(z[n, v] - lse_n)) * logit_scale / T
+#              * (1 - tanh^2(u[n, v] / cap))                                      (HAS_SOFTCAP)
+#              float32 in registers, stored once rounded to the compute dtype (float32 inputs: float32)
 #   dh = dz @ W,   dW = dz^T @ h,   db = sum_n dz[n, :]           (dense GEMMs, float32 accumulation)
 # `_dz_kernel` writes dz for compacted rows [r0, r0 + n_rows) and vocab columns [c0, c0 + n_cols)
 # into a dense [n_rows, n_cols] buffer, and (NEED_DB) the float32 column sums of each token block
@@ -297,8 +323,8 @@ def _bwd_atomic(g, h2, weight, bias, y, idx, lse, temperature: float,
 def _dz_kernel(
     h_ptr, idx_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr,   # lse, g: compact [N] float32
     dz_ptr, dbp_ptr,                                       # dz [n_rows, n_cols]; dbp float32
-    r0, n_rows, c0, n_cols, V, H, stride_h, stride_w, inv_temp,
-    HAS_BIAS: tl.constexpr, NEED_DB: tl.constexpr,
+    r0, n_rows, c0, n_cols, V, H, stride_h, stride_w, z_scale, cap_over_temp, grad_scale,  # logit_transform
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
 ):
@@ -317,11 +343,15 @@ def _dz_kernel(
     cols = c0 + lcols
 
     w_desc = _weight_desc(w_ptr, V, H, stride_w, BLOCK_N, BLOCK_K, USE_TMA)
-    z = _scaled_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask, H, stride_h, stride_w,
-                            inv_temp, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
+    pre = _head_logits_tile(h_ptr, src, rmask, w_ptr, w_desc, b_ptr, v0, cols, cmask, H, stride_h, stride_w,
+                            HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST, USE_TMA)
+    z = _final_logits(pre, cmask, z_scale, cap_over_temp, HAS_SOFTCAP)
     p = tl.exp(z - lse[:, None])  # 0 outside the chunk's columns
     onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
-    dz = (onehot - p) * (g * inv_temp)[:, None]
+    dz = (onehot - p) * (g * grad_scale)[:, None]
+    if HAS_SOFTCAP:
+        th = _tanh(pre * z_scale)
+        dz = dz * (1.0 - th * th)
     mask = rmask[:, None] & cmask[None, :]
     dz = tl.where(mask, dz, 0.0)
     tl.store(dz_ptr + lrows[:, None] * n_cols + lcols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
@@ -377,7 +407,7 @@ def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _bwd_gemm(g, h2, weight, bias, y, idx, lse, temperature: float, dh, need_dw: bool, need_db: bool,
-              config=None):
+              config=None, *, logit_scale: float = 1.0, softcap: float | None = None):
     """The gemm backward (see the module doc).  Writes d hidden into `dh` (dense [NT, H], zeros, h2's
     dtype) when given; returns float32 (dw [V, H] or None, db [V] or None)."""
     n = idx.numel()
@@ -392,13 +422,13 @@ def _bwd_gemm(g, h2, weight, bias, y, idx, lse, temperature: float, dh, need_dw:
     walk = plan.gemm_plan(n, vocab, hdim, h2.element_size(), gather=not all_rows, block_m=cfg.block_m,
                           block_n=cfg.block_n, budget=DZ_BUDGET_BYTES, split=CHUNKS)
     launch = dict(
-        HAS_BIAS=bias is not None, NEED_DB=need_db,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, NEED_DB=need_db,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         DOT_PRECISION=_dot_precision(dtype), UPCAST=_upcast_dot(dtype), USE_TMA=_use_tma(weight, cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     b_arg = bias if bias is not None else weight
-    inv_temp = 1.0 / temperature
+    scalars = logit_transform(temperature, logit_scale, softcap)  # z_scale, cap_over_temp, grad_scale
 
     def dz_chunk(r0, n_rows, c0, n_cols):
         dz = _alloc.empty((n_rows, n_cols), dtype=dtype, device=dev)  # NaN-poisoned in tests: all written
@@ -406,7 +436,7 @@ def _bwd_gemm(g, h2, weight, bias, y, idx, lse, temperature: float, dh, need_dw:
                           dtype=torch.float32, device=dev)
         grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_cols, cfg.block_n),)
         _dz_kernel[grid](h2, idx, weight, b_arg, y, lse, g, dz, dbp,
-                         r0, n_rows, c0, n_cols, vocab, hdim, h2.stride(0), weight.stride(0), inv_temp, **launch)
+                         r0, n_rows, c0, n_cols, vocab, hdim, h2.stride(0), weight.stride(0), *scalars, **launch)
         if need_db:
             db[c0 : c0 + n_cols] += dbp.sum(0)
         return dz
