@@ -94,7 +94,10 @@ def check_against_model(lm: nn.Module, probe_tokens: int = 8) -> Head:
     ids = (torch.arange(probe_tokens, device=head.weight.device) * 7 + 1) % vocab
     ids = ids[None]
     logits = lm(input_ids=ids, use_cache=False).logits
-    hidden = lm.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    hidden = getattr(lm.base_model(input_ids=ids, use_cache=False), "last_hidden_state", None)
+    if hidden is None:  # the training forward and the sampler read the final hidden state there
+        raise ValueError(f"{model_type(lm)}: the model's base_model ({type(lm.base_model).__name__}) returns no "
+                         f"last_hidden_state; this model family is not supported")
     expected = torch.log_softmax(logits.float(), -1)
     got = torch.log_softmax(head.logits(hidden), -1)
     tol = max(1e-4, 8 * torch.finfo(logits.dtype).eps) * max(1.0, float(expected.abs().max()))
