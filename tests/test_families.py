@@ -269,3 +269,39 @@ def test_generation_uses_no_deprecated_cache_argument():
         Sampler(model, eos_ids=[VOCAB - 1], pad_token_id=PAD).generate(
             ids, mask, SamplingConfig(max_new_tokens=4, temperature=0, samples_per_prompt=2))
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere2", "llama4_text"])
+def test_load_checks_the_head(family, tmp_path):
+    """engine/build.py's loader runs the check on every model it loads: a soft-capped / scaled head passes,
+    a family the engine cannot describe stops the run with its model type named."""
+    import dataclasses
+
+    from engine import build
+    from engine import config as C
+    from engine.tasks import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                 eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    if family == "gemma2":
+        model = hf.Gemma2ForCausalLM(hf.Gemma2Config(**small, sliding_window=4, final_logit_softcapping=3.0))
+    elif family == "cohere2":
+        model = hf.Cohere2ForCausalLM(hf.Cohere2Config(**small, logit_scale=2.0, sliding_window=4, layer_types=_HYBRID))
+    else:
+        model = hf.Llama4ForCausalLM(hf.Llama4TextConfig(**small, intermediate_size_mlp=64, attention_chunk_size=4,
+                                                         num_local_experts=2))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    cfg = C.default()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, policy=str(tmp_path)))
+    if family == "llama4_text":
+        with pytest.raises(ValueError, match="llama4_text.*not supported"):
+            build.load_models(cfg, torch.device("cpu"))
+    else:
+        policy, reference, _ = build.load_models(cfg, torch.device("cpu"))
+        assert Head.from_model(policy).op_kwargs.keys() - {"bias"}

@@ -174,3 +174,37 @@ def test_static_caches_are_reused_and_bounded():
     assert sampler._caches == first and all(a is b for a, b in zip(first.values(), sampler._caches.values()))
     sampler.generate(*left_pad([p * 12 for p in PROMPTS]), cfg)  # a longer bucket replaces the old one
     assert len(sampler._caches) == 1 and list(sampler._caches)[0][1] > list(first)[0][1]
+
+
+
+@pytest.mark.parametrize("family", ["mistral", "cohere2"])
+def test_reused_sliding_window_caches_start_clean(family):
+    """A sliding-window (Mistral) or hybrid (Cohere2: sliding, full) static cache reused by later calls, with
+    prompts shorter or longer than the window and compactions, gives what a fresh sampler and HF generate give."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, sliding_window=4, pad_token_id=PAD,
+                  eos_token_id=EOS_IDS)
+    if family == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
+    else:
+        model = transformers.Cohere2ForCausalLM(transformers.Cohere2Config(
+            **common, layer_types=["sliding_attention", "full_attention"]))
+    model.eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(10)
+    cfg = SamplingConfig(max_new_tokens=9, temperature=0, samples_per_prompt=2, check_every=2)
+    eos = list(range(6, 96, 2))  # a wide EOS set: rows end early, so live rows get compacted
+    reused = Sampler(model, eos_ids=eos, pad_token_id=PAD)
+    for prompts in (PROMPTS, [p[:2] for p in PROMPTS], [p * 2 for p in PROMPTS]):  # one cache length bucket
+        ids, mask = left_pad(prompts)
+        got = reused.generate(ids, mask, cfg)
+        fresh = Sampler(model, eos_ids=eos, pad_token_id=PAD).generate(ids, mask, cfg)
+        hf = model.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=PAD,
+                            eos_token_id=eos)[:, ids.shape[1]:]
+        hf = torch.nn.functional.pad(hf, (0, 9 - hf.shape[1]), value=PAD)
+        assert torch.equal(got.response_ids, fresh.response_ids)
+        assert torch.equal(got.response_ids, hf.repeat(2, 1))
+    assert reused.compactions >= 2 and {length for _, length in reused._caches} == {64}
