@@ -123,11 +123,14 @@ def make_batch(
     logit_scale: float = 2.0,
     temperature: float = 1.0,
     eta: float | None = 1.0,
+    head: dict | None = None,
     device="cpu",
 ) -> Batch:
     """A random REBEL batch. Values are drawn in float32 and rounded once to `dtype`.
 
-    Logits have a standard deviation of about `logit_scale`. With `garbage`, per-token old
+    Logits h W^T have a standard deviation of about `logit_scale` (the spread of the raw head output,
+    not the op's `logit_scale` argument; that one goes in `head`, with `softcap`: the transforms the
+    loss will use, for the rewards). With `garbage`, per-token old
     log-probabilities hold NaN / +-inf / 1e30 at ignored positions (which the ops must not read).
     With `eta` (and the `temperature` the loss will use), the rewards are chosen so that each pair's
     error is well conditioned (see `well_conditioned_rewards`); eta=None leaves them N(0, 1).
@@ -153,7 +156,7 @@ def make_batch(
     if eta is not None:
         rewards = well_conditioned_rewards(
             gen, hidden.to(dtype), weight.to(dtype), None if b is None else b.to(dtype), labels, old_lp,
-            temperature=temperature, eta=eta, ignore_index=ignore_index,
+            temperature=temperature, eta=eta, ignore_index=ignore_index, **(head or {}),
         )
 
     def leaf(t):
@@ -170,7 +173,8 @@ def make_batch(
     )
 
 
-def well_conditioned_rewards(gen, hidden, weight, bias, labels, old_lp, *, temperature, eta, ignore_index):
+def well_conditioned_rewards(gen, hidden, weight, bias, labels, old_lp, *, temperature, eta, ignore_index,
+                             logit_scale=1.0, softcap=None):
     """Rewards [2B] float32 that put each pair's error err_j = ratio diff / eta - reward diff at
     +-(1 + U[0, 1]) * (1 + A_j / eta), where A_j = sum |log p| + sum |old log p| over both responses.
 
@@ -184,7 +188,7 @@ def well_conditioned_rewards(gen, hidden, weight, bias, labels, old_lp, *, tempe
     half = rows // 2
     logp = reference_token_logprobs(
         hidden.double(), weight.double(), labels, bias=None if bias is None else bias.double(),
-        temperature=temperature, ignore_index=ignore_index,
+        temperature=temperature, ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
     )  # [2B, T]
     valid = labels != ignore_index
     old_seq = sequence_old_logprobs(old_lp, labels, ignore_index, torch.float64)  # [2B]
@@ -228,11 +232,17 @@ def assert_rel(out, ref, tol: float, what: str, seed: int, floor: float = 1e-3):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} (seed={seed}, REBEL_TEST_SEED={seed} to replay)"
 
 
-def torch_lowp_token_logprobs(batch: Batch, temperature: float) -> torch.Tensor:
-    """What plain PyTorch does in the batch's dtype: logits in that dtype, log_softmax, gather."""
+def torch_lowp_token_logprobs(batch: Batch, temperature: float, logit_scale: float = 1.0,
+                              softcap: float | None = None) -> torch.Tensor:
+    """What plain PyTorch does in the batch's dtype: logits in that dtype (scaled and soft-capped as
+    transformers' Cohere / Gemma-2 forwards do), log_softmax, gather."""
     logits = batch.hidden @ batch.weight.T
     if batch.bias is not None:
         logits = logits + batch.bias
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     logits = logits / temperature
     logsm = torch.log_softmax(logits, dim=-1)
     valid = batch.labels != batch.ignore_index
