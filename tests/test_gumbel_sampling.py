@@ -14,6 +14,18 @@ from rebel_kernels._tiles import TileConfig
 from rebel_kernels.gumbel import reference_gumbel_sample, sample_from_hidden
 from rebel_kernels.gumbel import torch_impl as gs  # the torch path (its chunk sizes are monkeypatched)
 from rebel_kernels.gumbel import triton_kernels as gt  # the Triton launchers
+from rebel_kernels.gumbel.reference import reference_gumbel_sample_from_hidden
+from rebel_kernels.reference import reference_logits
+
+# The LM head's final transforms under test: name -> (spread of h W^T for make_head, the op's kwargs).
+# The spreads make them matter: raw logits of spread 40 against Gemma-2/3's softcap of 30, logit_scale 8
+# then the cap, and Granite-like 1/16 on raw logits of spread 32.
+HEADS = {
+    "plain": (2.0, {}),
+    "softcap30": (40.0, dict(softcap=30.0)),
+    "scale8_softcap30": (4.0, dict(logit_scale=8.0, softcap=30.0)),
+    "scale1_16": (32.0, dict(logit_scale=0.0625)),
+}
 
 
 def make_head(seed, R, H, V, *, dtype=torch.float32, bias=True, logit_scale=2.0):
@@ -25,12 +37,11 @@ def make_head(seed, R, H, V, *, dtype=torch.float32, bias=True, logit_scale=2.0)
     return h.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
 
 
-def logits64(h, w, b, temperature):
-    """z = (h W^T + b) / T in float64 from the (possibly low-precision) inputs.  -> [R, V]"""
-    z = h.double() @ w.double().T
-    if b is not None:
-        z = z + b.double()
-    return z / temperature
+def logits64(h, w, b, temperature, **head):
+    """z = softcap_fn(logit_scale * (h W^T + b)) / T (z = (h W^T + b) / T without `head`) in float64
+    from the (possibly low-precision) inputs, by `reference_logits`.  -> [R, V]"""
+    return reference_logits(h.double(), w.double(), bias=None if b is None else b.double(), temperature=temperature,
+                            **head)
 
 
 def gen(seed):
@@ -63,18 +74,23 @@ SHAPES = [  # R, H, V, bias
 ]
 
 
+@pytest.mark.parametrize("head", list(HEADS))
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7])
 @pytest.mark.parametrize("R,H,V,bias", SHAPES)
-def test_logprobs_match_log_softmax(backend, seed, R, H, V, bias, temperature):
-    h, w, b = make_head(seed, R, H, V, bias=bias)
+def test_logprobs_match_log_softmax(backend, seed, R, H, V, bias, temperature, head):
+    spread, head_kw = HEADS[head]
+    h, w, b = make_head(seed, R, H, V, bias=bias, logit_scale=spread)
     with _alloc.poisoned():  # an output element the kernels forget to write reads NaN / -1
-        tokens, logp = sample_from_hidden(h, w, bias=b, temperature=temperature, generator=gen(seed))
+        tokens, logp = sample_from_hidden(h, w, bias=b, temperature=temperature, generator=gen(seed), **head_kw)
     assert tokens.dtype == torch.int64 and tokens.shape == (R,)
     assert logp.dtype == torch.float32 and logp.shape == (R,)
     assert bool(((tokens >= 0) & (tokens < V)).all()), f"tokens out of [0, {V}): {tokens} (seed={seed})"
-    ref = torch.log_softmax(logits64(h, w, b, temperature), -1)[torch.arange(R), tokens]
+    ref = torch.log_softmax(logits64(h, w, b, temperature, **head_kw), -1)[torch.arange(R), tokens]
     err = (logp.double() - ref).abs().max().item()
     assert err <= 1e-5, f"logprob error {err:.2e} > 1e-5 (seed={seed}, REBEL_TEST_SEED={seed} to replay)"
+    if head_kw and V > 1:  # the transform matters here: the untransformed log-probabilities are far off
+        plain = torch.log_softmax(logits64(h, w, b, temperature), -1)[torch.arange(R), tokens]
+        assert (logp.double() - plain).abs().max().item() > 1e-2, f"{head} changed nothing (seed={seed})"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -127,31 +143,47 @@ CONFIGS = [
 ]
 
 
+def check_head_reference(h, w, b, T, head_kw, u, tokens):
+    """reference_gumbel_sample_from_hidden (the spec from the hidden state) picks the same tokens as
+    reference_gumbel_sample on logits64 wherever the result is clear."""
+    ref_tok, _ = reference_gumbel_sample_from_hidden(h.double(), w.double(), u.double(), bias=b.double(),
+                                                      temperature=T, **head_kw)
+    ref_tok2, _ = reference_gumbel_sample(logits64(h, w, b, T, **head_kw), u.double())
+    assert torch.equal(ref_tok, ref_tok2)
+    assert (ref_tok == tokens).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("head", ["plain", "scale8_softcap30"])
 @pytest.mark.parametrize("config", CONFIGS, ids=["default", "split32"])
-def test_triton_argmax_matches_reference(monkeypatch, seed, config):
+def test_triton_argmax_matches_reference(monkeypatch, seed, config, head):
     monkeypatch.setenv("REBEL_KERNELS_BACKEND", "triton")
     R, H, V, T = 19, 40, 131, 0.8
-    h, w, b = make_head(seed, R, H, V)
+    spread, head_kw = HEADS[head]
+    h, w, b = make_head(seed, R, H, V, logit_scale=spread)
     seed_t = gt.draw_seed(gen(seed), h.device)
-    tokens, logp = gt.gumbel_sample_triton(h, w, b, T, seed_t, config=config)
+    tokens, logp = gt.gumbel_sample_triton(h, w, b, T, seed_t, config=config, **head_kw)
     u = gt.kernel_uniforms(seed_t, R, V)
     assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
-    check_against_reference(tokens, logp, logits64(h, w, b, T), u)
+    check_against_reference(tokens, logp, logits64(h, w, b, T, **head_kw), u)
+    check_head_reference(h, w, b, T, head_kw, u, tokens)
     # the public function draws the same seed from the same generator state
-    tok2, _ = sample_from_hidden(h, w, bias=b, temperature=T, generator=gen(seed))
+    tok2, _ = sample_from_hidden(h, w, bias=b, temperature=T, generator=gen(seed), **head_kw)
     if config is None:
         assert torch.equal(tok2, tokens)
 
 
-def test_torch_argmax_matches_reference(monkeypatch, seed):
+@pytest.mark.parametrize("head", ["plain", "scale8_softcap30"])
+def test_torch_argmax_matches_reference(monkeypatch, seed, head):
     monkeypatch.setenv("REBEL_KERNELS_BACKEND", "torch")
     monkeypatch.setattr(gs, "TORCH_ROW_CHUNK", 8)     # row chunks 8, 8, 3
     monkeypatch.setattr(gs, "TORCH_VOCAB_CHUNK", 32)  # vocab chunks 4 x 32 + 3
     R, H, V, T = 19, 40, 131, 0.8
-    h, w, b = make_head(seed, R, H, V)
-    tokens, logp = sample_from_hidden(h, w, bias=b, temperature=T, generator=gen(seed))
+    spread, head_kw = HEADS[head]
+    h, w, b = make_head(seed, R, H, V, logit_scale=spread)
+    tokens, logp = sample_from_hidden(h, w, bias=b, temperature=T, generator=gen(seed), **head_kw)
     u = torch_path_uniforms(gen(seed), R, V)
-    check_against_reference(tokens, logp, logits64(h, w, b, T), u)
+    check_against_reference(tokens, logp, logits64(h, w, b, T, **head_kw), u)
+    check_head_reference(h, w, b, T, head_kw, u, tokens)
 
 
 def tie_head(dups, R=6, H=24, V=131, dtype=torch.float32):
@@ -250,6 +282,27 @@ def test_chi_square_goodness_of_fit(backend, V, temperature, bias, data_seed, sa
     hidden = h.expand(N_SAMPLES, h.numel())  # stride-0 rows: one vector, N_SAMPLES independent samples
     tokens, logp = sample_from_hidden(hidden, w, bias=b, temperature=temperature, generator=gen(sample_seed))
     check_fit(tokens, logp, z)
+
+
+# (logit_scale, softcap, raw spread): raw logits linspace(-spread, spread) become z in about [-1.5, 1.5]
+# (scale 0.5 then cap 1.6: 1.6 tanh(3 / 1.6) = 1.53, far from linear) or [-1.5, 1.5] (scale 1/4): the
+# counts must follow softmax(z) and reject softmax of the untransformed logits (in [-6, 6]).
+CHI2_HEADS = {"scale0.5_softcap1.6": (0.5, 1.6, 6.0), "scale1_4": (0.25, None, 6.0)}
+
+
+@pytest.mark.parametrize("head", list(CHI2_HEADS))
+def test_chi_square_with_head_transforms(backend, head):
+    """`test_chi_square_goodness_of_fit` (same thresholds and power check) through the logit scale and
+    the softcap, on V = 9 at T = 1 without bias."""
+    logit_scale, softcap, spread = CHI2_HEADS[head]
+    h, w, _, raw = chi2_head(9, 1.0, False, data_seed=14, spread=spread)
+    z = logits64(h[None], w, None, 1.0, logit_scale=logit_scale, softcap=softcap)[0]
+    tokens, logp = sample_from_hidden(h.expand(N_SAMPLES, h.numel()), w, temperature=1.0, generator=gen(404),
+                                      logit_scale=logit_scale, softcap=softcap)
+    check_fit(tokens, logp, z)
+    counts = torch.bincount(tokens, minlength=9)
+    p_plain = chi2_sf_even_df(chi2_stat(counts, torch.softmax(raw, 0)), 8)
+    assert p_plain < P_MIN, f"the counts do not reject the untransformed logits: p={p_plain:.2e}"
 
 
 def test_chi_square_across_vocab_splits(monkeypatch):
@@ -355,6 +408,14 @@ BAD = [  # (id, changes, exception, message fragment)
     ("temp-str", dict(temperature="0.7"), TypeError, "temperature must be a real number, got '0.7'"),
     ("temp-bool", dict(temperature=True), TypeError, "temperature must be a real number, got True"),
     ("generator-int", dict(generator=5), TypeError, "generator must be a torch.Generator or None, got int"),
+    ("logit_scale-0", dict(logit_scale=0.0), ValueError, "logit_scale must be finite and > 0, got 0.0"),
+    ("logit_scale-neg", dict(logit_scale=-2.0), ValueError, "logit_scale must be finite and > 0, got -2.0"),
+    ("logit_scale-inf", dict(logit_scale=INF), ValueError, "logit_scale must be finite and > 0, got inf"),
+    ("logit_scale-none", dict(logit_scale=None), TypeError, "logit_scale must be a real number, got None"),
+    ("softcap-0", dict(softcap=0.0), ValueError, "softcap must be finite and > 0, got 0.0"),
+    ("softcap-nan", dict(softcap=NAN), ValueError, "softcap must be finite and > 0, got nan"),
+    ("softcap-str", dict(softcap="30"), TypeError, r"softcap must be a real number or None \(off\), got '30'"),
+    ("softcap-bool", dict(softcap=True), TypeError, r"softcap must be a real number or None \(off\), got True"),
 ]
 
 

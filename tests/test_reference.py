@@ -6,6 +6,7 @@ import torch
 from _inputs import make_batch
 
 from rebel_kernels.reference import (
+    reference_logits,
     reference_rebel_loss,
     reference_rebel_loss_from_logprobs,
     reference_token_logprobs,
@@ -152,6 +153,76 @@ def test_reference_temperature_and_bias_by_hand():
     logp = reference_token_logprobs(hidden, weight, torch.tensor([0]), bias=bias, temperature=2.0)
     want = 1.0 - math.log(math.e + math.sqrt(3.0))
     torch.testing.assert_close(logp, torch.tensor([want], dtype=torch.float64), rtol=1e-14, atol=1e-14)
+
+
+def test_reference_logit_scale_and_softcap_by_hand():
+    """pre = [2, 0]; logit_scale 3: u = [6, 0]; softcap 4: [4 tanh(1.5), 0]; T = 2: z = [2 tanh(1.5), 0]."""
+    hidden = torch.tensor([[2.0]], dtype=torch.float64)
+    weight = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    z0 = 2.0 * math.tanh(1.5)
+    logp = reference_token_logprobs(hidden, weight, torch.tensor([0]), temperature=2.0, logit_scale=3.0, softcap=4.0)
+    want = z0 - math.log(math.exp(z0) + 1.0)
+    torch.testing.assert_close(logp, torch.tensor([want], dtype=torch.float64), rtol=1e-14, atol=1e-14)
+    z = reference_logits(hidden, weight, temperature=2.0, logit_scale=3.0)  # no cap: [6, 0] / 2
+    torch.testing.assert_close(z, torch.tensor([[3.0, 0.0]], dtype=torch.float64), rtol=0, atol=0)
+
+
+# transformers' own lines (models/gemma2, cohere, granite: modeling_*.py, *ForCausalLM.forward), written out
+HF_FORMULAS = {
+    "gemma2_softcap": (dict(softcap=30.0), lambda x: 30.0 * torch.tanh(x / 30.0)),
+    "cohere_logit_scale": (dict(logit_scale=0.0625), lambda x: x * 0.0625),
+    "granite_logits_scaling": (dict(logit_scale=1 / 8.0), lambda x: x / 8.0),
+    "scale_then_softcap": (dict(logit_scale=8.0, softcap=30.0), lambda x: 30.0 * torch.tanh((x * 8.0) / 30.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(HF_FORMULAS))
+def test_reference_matches_transformers_formula(name, seed):
+    """The reference is transformers' formula, literally: e.g. for Gemma-2 with a temperature T,
+    log_softmax((cap * tanh((h @ W.T) / cap)) / T)[labels], and the transform matters at these inputs."""
+    kw, head = HF_FORMULAS[name]
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(3, 4, 16, generator=gen, dtype=torch.float64)
+    w = torch.randn(29, 16, generator=gen, dtype=torch.float64) * (40.0 / 4.0)  # h @ W.T ~ N(0, 40^2)
+    y = torch.randint(0, 29, (3, 4), generator=gen)
+    y[0, :2] = -100
+    T = 0.7
+    want = torch.log_softmax(head(h @ w.T) / T, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    want = torch.where(y == -100, 0.0, want)
+    got = reference_token_logprobs(h, w, y, temperature=T, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reference_logits(h, w, temperature=T, **kw), head(h @ w.T) / T, rtol=1e-13, atol=1e-13)
+    plain = reference_token_logprobs(h, w, y, temperature=T)
+    assert (got - plain).abs().max() > 1.0, "the transform changed nothing at these inputs"
+
+
+@pytest.mark.parametrize("model", ["gemma2", "cohere", "granite"])
+def test_reference_matches_transformers_models(model):
+    """Tiny Gemma-2 / Cohere / Granite models from transformers: their logits are reference_logits of
+    their last hidden state and LM head with softcap = final_logit_softcapping, logit_scale =
+    logit_scale, and logit_scale = 1 / logits_scaling."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if model == "gemma2":
+        cfg = transformers.Gemma2Config(final_logit_softcapping=3.0, head_dim=8, **common)
+        cls, kw = transformers.Gemma2ForCausalLM, dict(softcap=3.0)
+    elif model == "cohere":
+        cfg = transformers.CohereConfig(logit_scale=0.25, **common)
+        cls, kw = transformers.CohereForCausalLM, dict(logit_scale=0.25)
+    else:
+        cfg = transformers.GraniteConfig(logits_scaling=4.0, **common)
+        cls, kw = transformers.GraniteForCausalLM, dict(logit_scale=1 / 4.0)
+    torch.manual_seed(0)
+    m = cls(cfg).double().eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(30.0)  # logits ~10: Gemma's cap of 3 is far from linear
+        ids = torch.randint(0, 37, (2, 5))
+        out = m(ids, output_hidden_states=True)
+        h = out.hidden_states[-1]  # after the final norm: what the LM head sees
+        torch.testing.assert_close(reference_logits(h, m.lm_head.weight, bias=m.lm_head.bias, **kw), out.logits,
+                                   rtol=1e-10, atol=1e-10)
+        assert (out.logits - m.lm_head(h)).abs().max() > 1.0, "the model's transform changed nothing"
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,20 @@ COMMON_CASES = [
     ("temperature_nan", set_(temperature=NAN), ValueError, "temperature"),
     ("temperature_inf", set_(temperature=INF), ValueError, "temperature"),
     ("temperature_minus_inf", set_(temperature=-INF), ValueError, "temperature"),
+    ("logit_scale_0", set_(logit_scale=0.0), ValueError, "logit_scale must be finite and > 0, got 0.0"),
+    ("logit_scale_negative", set_(logit_scale=-0.5), ValueError, "logit_scale must be finite and > 0, got -0.5"),
+    ("logit_scale_nan", set_(logit_scale=NAN), ValueError, "logit_scale must be finite and > 0, got nan"),
+    ("logit_scale_inf", set_(logit_scale=INF), ValueError, "logit_scale must be finite and > 0, got inf"),
+    ("logit_scale_none", set_(logit_scale=None), TypeError, "logit_scale must be a real number, got None"),
+    ("logit_scale_str", set_(logit_scale="0.5"), TypeError, "logit_scale must be a real number, got '0.5'"),
+    ("logit_scale_bool", set_(logit_scale=True), TypeError, "logit_scale must be a real number, got True"),
+    ("logit_scale_tensor", set_(logit_scale=lambda a: torch.tensor(0.5)), TypeError, "logit_scale must be a real"),
+    ("softcap_0", set_(softcap=0.0), ValueError, "softcap must be finite and > 0, got 0.0"),
+    ("softcap_negative", set_(softcap=-30.0), ValueError, "softcap must be finite and > 0, got -30.0"),
+    ("softcap_nan", set_(softcap=NAN), ValueError, "softcap must be finite and > 0, got nan"),
+    ("softcap_inf", set_(softcap=INF), ValueError, "softcap must be finite and > 0, got inf"),
+    ("softcap_str", set_(softcap="30"), TypeError, "softcap must be a real number or None"),
+    ("softcap_bool", set_(softcap=False), TypeError, "softcap must be a real number or None"),
 ]
 
 LOSS_CASES = [
@@ -190,6 +204,24 @@ def test_the_valid_base_case_passes(backend, device):
     assert torch.isfinite(call_loss(valid_args(device=device)))
     assert torch.isfinite(call_logprobs(valid_args(device=device))).all()
     assert torch.isfinite(call_loss(valid_args(old="seq", device=device)))
+    # the transforms' valid values: ints and floats, softcap None (off)
+    for head in (dict(logit_scale=2, softcap=30), dict(logit_scale=0.0625, softcap=None), dict(softcap=1e-3)):
+        assert torch.isfinite(call_loss(dict(valid_args(device=device), **head))), head
+        assert torch.isfinite(call_logprobs(dict(valid_args(device=device), **head))).all(), head
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(logit_scale=0.0), ValueError, "logit_scale must be finite and > 0"),
+    (dict(logit_scale="8"), TypeError, "logit_scale must be a real number"),
+    (dict(softcap=-1.0), ValueError, "softcap must be finite and > 0"),
+    (dict(softcap=NAN), ValueError, "softcap must be finite and > 0"),
+    (dict(softcap=[30.0]), TypeError, "softcap must be a real number or None"),
+])
+def test_module_rejects_bad_transforms_at_construction(kwargs, exc, match):
+    from rebel_kernels import FusedRebelLoss
+
+    with pytest.raises(exc, match=match):
+        FusedRebelLoss(**kwargs)
 
 
 @pytest.mark.parametrize("old", ["token", "seq"])
