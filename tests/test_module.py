@@ -25,8 +25,9 @@ def head_from(batch) -> nn.Linear:
         {},
         dict(eta=0.5, temperature=0.7, reduction="sum"),
         dict(eta=2.0, temperature=1.3, ignore_index=-1, reduction="none"),
+        dict(temperature=0.7, reduction="none", logit_scale=0.25, softcap=1.5),
     ],
-    ids=["defaults", "eta_temp_sum", "ignore_none"],
+    ids=["defaults", "eta_temp_sum", "ignore_none", "scale_softcap_none"],
 )
 @pytest.mark.parametrize("old", ["token", "seq"])
 def test_module_matches_function(bias, kwargs, old, backend, seed, device):
@@ -62,3 +63,9 @@ def test_module_backward_fills_lm_head_grads(backend, seed, device):
     assert b.hidden.grad is not None
     assert torch.isfinite(head.weight.grad).all() and torch.isfinite(head.bias.grad).all()
     assert head.weight.grad.abs().sum() > 0
+
+
+def test_module_repr_shows_the_head_transforms():
+    assert "softcap" not in repr(FusedRebelLoss()) and "logit_scale" not in repr(FusedRebelLoss())
+    text = repr(FusedRebelLoss(logit_scale=0.25, softcap=30))
+    assert "logit_scale=0.25" in text and "softcap=30.0" in text
