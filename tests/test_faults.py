@@ -229,10 +229,21 @@ def test_threads_per_process(monkeypatch):
     assert threads_per_process() == (5, "$REBEL_THREADS")
 
 
+def warning_reward(prompts, responses):
+    """The built-in task's reward, emitting a library-style deprecation warning on every call."""
+    import warnings
+
+    from engine.tasks import counting_reward
+
+    warnings.warn("some_library.old_api is deprecated", FutureWarning, stacklevel=2)
+    return counting_reward(prompts, responses)
+
+
 def test_cli_states_directory_threads_and_summary_and_a_finished_run_exits_0(tmp_path):
     args = [sys.executable, "engine/train.py", "--run_dir", str(tmp_path), "--optim.iterations", "1",
-            "--train.prompts_per_iteration", "8", "--logging.tensorboard", "false", "--logging.plots", "false"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+            "--train.prompts_per_iteration", "8", "--logging.tensorboard", "false", "--logging.plots", "false",
+            "--reward.function", "test_faults:warning_reward"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), REPO]))
     first = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     lines = first.stdout.splitlines()
@@ -240,7 +251,7 @@ def test_cli_states_directory_threads_and_summary_and_a_finished_run_exits_0(tmp
     assert "run finished: 1 of 1 iterations" in first.stdout and f"export: {tmp_path / 'final'}" in first.stdout
     assert "reward: " in first.stdout and "KL: " in first.stdout
     assert "FutureWarning" not in first.stderr + first.stdout  # library warnings: in the log only
-    assert "Warning" in (tmp_path / "train.log").read_text()
+    assert "some_library.old_api is deprecated" in (tmp_path / "train.log").read_text()
     again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "run already finished: 1 of 1 iterations" in again.stdout
     assert "iter 1/1" not in again.stderr  # no progress bar
