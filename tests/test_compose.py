@@ -1,4 +1,5 @@
 """The op composes: torch.library checks, torch.compile without graph breaks, FSDP2 on gloo."""
+import functools
 import os
 import socket
 
@@ -37,25 +38,30 @@ def test_opcheck(backend, monkeypatch):
     torch.library.opcheck(torch.ops.rebel_kernels.pair_loss.default, (logp, y, old, r, 0.5, -100, backend))
 
 
-def _loss_model(hid, w, y, old, r):
-    h = torch.tanh(hid)  # some ordinary ops around the custom op
-    return rk.fused_rebel_loss(h, w, y, old, r, temperature=0.8) * 2.0
+def _loss_model(hid, w, y, old, r, **head):
+    h = torch.tanh(hid) * 3.0  # some ordinary ops around the custom op
+    return rk.fused_rebel_loss(h, w, y, old, r, temperature=0.8, **head) * 2.0
 
 
-def test_torch_compile_fullgraph(monkeypatch):
-    """Inside a torch.compile'd function (fullgraph: no graph break), values and grads are eager's."""
+@pytest.mark.parametrize("head", [{}, {"logit_scale": 0.5, "softcap": 30.0}], ids=["plain", "scale-softcap"])
+def test_torch_compile_fullgraph(monkeypatch, head):
+    """Inside a torch.compile'd function (fullgraph: no graph break), values and grads are eager's, which
+    are the reference's; the head's transforms reach the op."""
     monkeypatch.setenv("REBEL_KERNELS_BACKEND", "torch")
     hid, w, _, y, old, r = _batch(1)
     hid.requires_grad_()
     w.requires_grad_()
-    eager = _loss_model(hid, w, y, old, r)
+    eager = _loss_model(hid, w, y, old, r, **head)
     ge = torch.autograd.grad(eager, [hid, w])
-    compiled = torch.compile(_loss_model, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(functools.partial(_loss_model, **head), backend="aot_eager", fullgraph=True)
     got = compiled(hid, w, y, old, r)
     gc = torch.autograd.grad(got, [hid, w])
     torch.testing.assert_close(got, eager)
     for a, c in zip(gc, ge):
         torch.testing.assert_close(a, c)
+    ref = R.reference_rebel_loss(torch.tanh(hid.detach().double()) * 3.0, w.detach().double(), y, old.double(),
+                                 r.double(), temperature=0.8, **head) * 2.0
+    torch.testing.assert_close(got.detach().double(), ref, rtol=1e-5, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------

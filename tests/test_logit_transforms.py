@@ -1,11 +1,9 @@
-"""The LM head's final transforms (logit_scale, softcap) through torch.library and torch.compile, and
-the memory behaviour of the chunked torch path with a softcap. Values and gradients on every backend
+"""The LM head's final transforms (logit_scale, softcap) through torch.library (opcheck), and the
+memory behaviour of the chunked torch path with a softcap (torch.compile with them: test_compose.py). Values and gradients on every backend
 are in test_correctness.py; the sampler in test_gumbel_sampling.py; validation in test_validation.py."""
 import pytest
 import torch
 
-import rebel_kernels as rk
-from rebel_kernels import reference as R
 from rebel_kernels.logprobs import torch_impl
 
 
@@ -38,31 +36,6 @@ def test_opcheck_with_transforms(backend, head):
     torch.library.opcheck(torch.ops.rebel_kernels.token_logprobs_backward.default,
                           (grad, hid.detach(), w.detach(), b.detach(), y, lse.detach(), 0.7, -100, True, True, True,
                            backend, logit_scale, softcap))
-
-
-def _loss_model(hid, w, y, old, r):
-    h = torch.tanh(hid) * 3.0
-    return rk.fused_rebel_loss(h, w, y, old, r, temperature=0.8, logit_scale=0.5, softcap=30.0) * 2.0
-
-
-def test_torch_compile_fullgraph_with_transforms(monkeypatch):
-    """Inside torch.compile (fullgraph: no graph break) the transforms reach the op: values and grads are
-    eager's, which are the reference's."""
-    monkeypatch.setenv("REBEL_KERNELS_BACKEND", "torch")
-    hid, w, _, y, old, r = _batch(1)
-    hid.requires_grad_()
-    w.requires_grad_()
-    eager = _loss_model(hid, w, y, old, r)
-    ge = torch.autograd.grad(eager, [hid, w])
-    compiled = torch.compile(_loss_model, backend="aot_eager", fullgraph=True)
-    got = compiled(hid, w, y, old, r)
-    gc = torch.autograd.grad(got, [hid, w])
-    torch.testing.assert_close(got, eager)
-    for a, c in zip(gc, ge):
-        torch.testing.assert_close(a, c)
-    ref = R.reference_rebel_loss(torch.tanh(hid.detach().double()) * 3.0, w.detach().double(), y, old.double(),
-                                 r.double(), temperature=0.8, logit_scale=0.5, softcap=30.0) * 2.0
-    torch.testing.assert_close(got.detach().double(), ref, rtol=1e-5, atol=0)
 
 
 def test_torch_path_softcap_backward_keeps_one_tile_of_memory(monkeypatch):
