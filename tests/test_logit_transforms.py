@@ -1,6 +1,7 @@
 """The LM head's final transforms (logit_scale, softcap) through torch.library (opcheck), and the
-memory behaviour of the chunked torch path with a softcap (torch.compile with them: test_compose.py). Values and gradients on every backend
-are in test_correctness.py; the sampler in test_gumbel_sampling.py; validation in test_validation.py."""
+memory behaviour of the chunked torch path with a softcap. torch.compile with them: test_compose.py;
+values and gradients on every backend: test_correctness.py; the sampler: test_gumbel_sampling.py;
+validation: test_validation.py."""
 import pytest
 import torch
 
