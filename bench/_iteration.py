@@ -71,6 +71,15 @@ CASES = {c.name: c for c in (
     # The same model and shape with 128 prompts: what bench/gpu_session.py fits into its 8-minute call.
     IterCase("pythia-1.4b-random-128", "pythia_1b4_random", (("train.prompts_per_iteration", "128"),), cuda=True,
              timeout_s=50),
+    # Prompt-heavy (bench/prompt_heavy.py): 16 prompts of 64..256 tokens (fixed seed) x 2 x 24 new tokens,
+    # a random Llama (H 256, 4 layers, 4 heads, MLP 688) with a 32000-token head, float32, 4 epochs of
+    # one optimizer step over the whole batch, one thread.
+    IterCase("cpu-prompt-heavy", "default", (
+        ("model.policy", "builtin:llama-32k-random"), ("data.prompts", "builtin:counting_long"),
+        ("data.max_prompt_tokens", "300"), ("train.prompts_per_iteration", "16"),
+        ("train.micro_batch_prompts", "16"), ("train.num_epochs", "4"), ("train.minibatches", "1"),
+        ("generation.max_new_tokens", "24"), ("generation.min_new_tokens", "24")), cuda=False, timeout_s=600,
+        threads=1),
 )}
 
 
@@ -142,6 +151,7 @@ def run_ours(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
     cfg = train_config(case, iterations, run_dir)
     run = build(cfg)
     run.checkpointer = NoCheckpoint()
+    forwarded = _count_forwarded_positions(run)
     loop.run(run)
     reference = getattr(run.reference_lp, "lm", None)
     amp = run.precision.autocast_dtype
@@ -152,7 +162,31 @@ def run_ours(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
     return [_describe(cfg, case, "ours") | {f"{p}_s": m.get(f"time/{p}") for p in PHASES} | dict(
         iteration=m["iteration"], iteration_s=m["time/iteration"], peak_gib=m["memory/peak_gib"],
         tokens=round(m["response_length/mean"] * n_rows), optimizer_steps=cfg.train.num_epochs * cfg.train.minibatches,
+        tokens_forwarded=forwarded.get(m["iteration"]),
         precision=precision, note="REBEL loss; engine/train.py in one process") for m in read_metrics(run_dir)]
+
+
+def _count_forwarded_positions(run) -> dict:
+    """Token positions the training passes forward (log pi_t, log pi_ref, every epoch), per iteration:
+    forward pre-hooks on the built run's log-probability modules (generation is not counted)."""
+    per_iteration, count = {}, [0]
+
+    def hook(module, args):
+        count[0] += args[0].numel()  # input_ids [rows, positions], padding included
+
+    from engine.rollout import PolicyLogprobs
+
+    run.policy_lp.register_forward_pre_hook(hook)
+    if isinstance(run.reference_lp, PolicyLogprobs):  # LoRA's reference runs through policy_lp itself
+        run.reference_lp.register_forward_pre_hook(hook)
+    log = run.metrics.log
+
+    def logged(iteration, metrics):
+        per_iteration[iteration], count[0] = count[0], 0
+        log(iteration, metrics)
+
+    run.metrics.log = logged
+    return per_iteration
 
 
 # ----------------------------------------------------------------------------------------------

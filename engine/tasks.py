@@ -56,9 +56,21 @@ def random_pythia_1b4(tokenizer, *, seed: int = 0) -> GPTNeoXForCausalLM:
     return GPTNeoXForCausalLM(cfg)
 
 
+def random_llama_32k(tokenizer, *, seed: int = 0) -> LlamaForCausalLM:
+    """A small Llama (4 layers, 256 wide, 4 heads, MLP 688) with a 32000-token head and random weights:
+    the prompt-heavy iteration benchmark's model (bench/prompt_heavy.py)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
 BUILTIN_MODELS = {  # name -> (tokenizer factory, model factory)
     "tiny-llama": (char_tokenizer, tiny_llama),
     "pythia-1.4b-random": (lambda: char_tokenizer(50304), random_pythia_1b4),
+    "llama-32k-random": (lambda: char_tokenizer(32000), random_llama_32k),
 }
 
 
@@ -68,6 +80,17 @@ def counting_prompts(n: int = 2000, seed: int = 1234) -> list[dict]:
     rows = []
     for _ in range(n):
         start, length = rng.randrange(10), rng.randint(2, 5)
+        rows.append({"prompt": "".join(str((start + k) % 10) for k in range(length))})
+    return rows
+
+
+def counting_long_prompts(n: int = 2000, seed: int = 1234, lengths: tuple[int, int] = (64, 256)) -> list[dict]:
+    """The counting task with long prompts: runs of consecutive digits whose length is drawn uniformly
+    from `lengths` (fixed seed), for benchmarks where the prompt dominates a pair's positions."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        start, length = rng.randrange(10), rng.randint(*lengths)
         rows.append({"prompt": "".join(str((start + k) % 10) for k in range(length))})
     return rows
 
@@ -127,6 +150,9 @@ def counting_preference(prompts: list[str], responses: list[str], others: list[s
     return torch.sigmoid(4 * (r - r_other))
 
 
-BUILTIN_DATASETS = {"counting": counting_prompts, "counting_preferences": counting_preference_pairs}
-BUILTIN_REWARDS = {"counting": counting_reward, "counting_preferences": counting_reward}  # by dataset name
-BUILTIN_PREFERENCES = {"counting": counting_preference, "counting_preferences": counting_preference}
+BUILTIN_DATASETS = {"counting": counting_prompts, "counting_preferences": counting_preference_pairs,
+                    "counting_long": counting_long_prompts}
+BUILTIN_REWARDS = {"counting": counting_reward, "counting_preferences": counting_reward,  # by dataset name
+                   "counting_long": counting_reward}
+BUILTIN_PREFERENCES = {"counting": counting_preference, "counting_preferences": counting_preference,
+                       "counting_long": counting_preference}
