@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
             steady[provider].append(rows[-1])
     result = {"suite": "prompt-heavy", "case": a.case, "environment": environment(),
               "providers": {provider: summarize(rows) for provider, rows in steady.items()},
-              "rows": steady}
+              "rows": [row | {"run": i} for rows in steady.values() for i, row in enumerate(rows)]}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)
