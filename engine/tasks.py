@@ -74,25 +74,20 @@ BUILTIN_MODELS = {  # name -> (tokenizer factory, model factory)
 }
 
 
-def counting_prompts(n: int = 2000, seed: int = 1234) -> list[dict]:
-    """Rows {"prompt": "3456"}: 2 to 5 consecutive digits (mod 10) from a random start."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        start, length = rng.randrange(10), rng.randint(2, 5)
-        rows.append({"prompt": "".join(str((start + k) % 10) for k in range(length))})
-    return rows
-
-
-def counting_long_prompts(n: int = 2000, seed: int = 1234, lengths: tuple[int, int] = (64, 256)) -> list[dict]:
-    """The counting task with long prompts: runs of consecutive digits whose length is drawn uniformly
-    from `lengths` (fixed seed), for benchmarks where the prompt dominates a pair's positions."""
+def counting_prompts(n: int = 2000, seed: int = 1234, lengths: tuple[int, int] = (2, 5)) -> list[dict]:
+    """Rows {"prompt": "3456"}: `lengths` (2 to 5 by default) consecutive digits (mod 10) from a random start."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         start, length = rng.randrange(10), rng.randint(*lengths)
         rows.append({"prompt": "".join(str((start + k) % 10) for k in range(length))})
     return rows
+
+
+def counting_long_prompts(n: int = 2000, seed: int = 1234) -> list[dict]:
+    """The counting task with long prompts, 64 to 256 digits (uniform, fixed seed), for benchmarks where
+    the prompt dominates a pair's positions."""
+    return counting_prompts(n, seed, lengths=(64, 256))
 
 
 def counting_reward(prompts: list[str], responses: list[str]) -> list[float]:
