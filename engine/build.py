@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from engine import config as config_mod
-from engine import data, guard, head, lora, parallel, precision, rewards, rollout
+from engine import data, guard, head, lora, packing, parallel, precision, rewards, rollout
 from engine.checkpoint import Checkpointer, write_text_atomically
 from engine.generate import Sampler, eos_token_ids
 from engine.metrics import MetricsLogger, PhaseTimer, Progress
@@ -220,15 +220,18 @@ def load_models(cfg: config_mod.TrainConfig, device):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
-        policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32)
+        policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32,
+                                                      attn_implementation=_hf_attention(cfg))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    set_attention(policy, cfg)
     if cfg.model.lora_rank:
         policy, reference = lora.add_lora(policy, cfg.model), None
     elif cfg.model.reference:
         from transformers import AutoModelForCausalLM
 
-        reference = AutoModelForCausalLM.from_pretrained(cfg.model.reference, dtype=torch.float32)
+        reference = AutoModelForCausalLM.from_pretrained(cfg.model.reference, dtype=torch.float32,
+                                                         attn_implementation=_hf_attention(cfg))
     else:
         reference = copy.deepcopy(policy)
     # REBEL regresses onto exact log-ratios: no dropout anywhere (eval mode throughout).
@@ -241,12 +244,50 @@ def load_models(cfg: config_mod.TrainConfig, device):
     return policy, reference, tokenizer
 
 
+def _hf_attention(cfg: config_mod.TrainConfig) -> str:
+    """The name transformers loads the model with: our packed varlen flash attention registers its own."""
+    if cfg.model.attn_implementation != "flash_attention_2":
+        return cfg.model.attn_implementation
+    from engine import varlen
+
+    if not varlen.available():
+        raise ValueError("model.attn_implementation='flash_attention_2' needs flash-attn and a CUDA device "
+                         "(pip install -e '.[flash]'); use 'sdpa' or 'flex_attention' otherwise")
+    varlen.register()
+    return varlen.NAME
+
+
+def set_attention(lm: nn.Module, cfg: config_mod.TrainConfig) -> None:
+    """A model built in memory (the built-in ones) switched to model.attn_implementation."""
+    name = _hf_attention(cfg)
+    if getattr(lm.config, "_attn_implementation", None) != name:
+        lm.set_attn_implementation(name)
+
+
+def packing_mode(lm: nn.Module, cfg: config_mod.TrainConfig) -> tuple[bool, bool]:
+    """(packed, shared) for a model's log-prob module: as configured where `packing.incompatibility` finds
+    the family exact (checked before sharding), else the padded path with a one-line notice."""
+    if not cfg.train.micro_batch_tokens:
+        return False, False
+    reason = packing.incompatibility(lm)
+    if reason is not None:
+        logging.getLogger("rebel").warning("packing off for %s: %s; training forwards take the padded path",
+                                           lm.config.model_type, reason)
+        return False, False
+    return True, cfg.train.shared_prefix
+
+
 def _wrap_models(cfg, d: parallel.Dist, prec: precision.Precision, policy: nn.Module, reference: nn.Module | None):
     """(inference copy, trained log-prob module, reference log-prob module): the generation copy is
     taken before any freezing, checkpointing or sharding; then layers are frozen, checkpointed, sharded."""
     inference = copy.deepcopy(policy).to(prec.compute_dtype) if prec.separate_inference_copy else policy
     parallel.train_only_top_layers(policy, cfg.model.train_top_layers)
-    policy_lp = rollout.PolicyLogprobs(policy, autocast_dtype=prec.autocast_dtype)
+    if cfg.model.liger_kernels:
+        from engine import liger
+
+        logging.getLogger("rebel").info("liger-kernel: %s", liger.apply(policy))
+    packed, shared = packing_mode(policy, cfg)
+    policy_lp = rollout.PolicyLogprobs(policy, autocast_dtype=prec.autocast_dtype, packed=packed, shared=shared)
     if cfg.model.activation_checkpointing:
         parallel.apply_activation_checkpointing(policy)
     parallel.shard(policy_lp, policy, d, mp_policy=prec.fsdp_policy())
@@ -254,7 +295,9 @@ def _wrap_models(cfg, d: parallel.Dist, prec: precision.Precision, policy: nn.Mo
         return inference, policy_lp, lora.AdapterDisabled(policy_lp, policy)
     if prec.reference_dtype is not None:  # frozen: held in the compute dtype outright (half the memory)
         reference.to(prec.reference_dtype)
-    reference_lp = rollout.PolicyLogprobs(reference)
+    if cfg.model.reference:  # another checkpoint: its own check
+        packed, shared = packing_mode(reference, cfg)
+    reference_lp = rollout.PolicyLogprobs(reference, packed=packed, shared=shared)
     parallel.shard(reference_lp, reference, d, mp_policy=prec.fsdp_policy())
     return inference, policy_lp, reference_lp
 

@@ -15,27 +15,38 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine import data, parallel, rewards, rollout
+from engine import batching, data, parallel, rewards, rollout
 from engine.algorithms import anchor_preferences
 
 if TYPE_CHECKING:
     from engine.build import Run
 
 
-def iteration_batch(run: Run) -> tuple[rollout.Batch, dict]:
-    """This rank's training batch of the next iteration and its rollout metrics."""
+@dataclasses.dataclass(frozen=True)
+class Collected:
+    """An iteration's training batch (without log pi_t, the KL and the rewards when they are folded into
+    the update), the sampled batch the rollout metrics describe when it is another one (offline
+    algorithms sample only to monitor), and the generation's seconds (None: nothing was sampled)."""
+
+    batch: rollout.Batch
+    monitor: rollout.Batch | None
+    generate_s: float | None
+
+
+def iteration_batch(run: Run) -> Collected:
+    """This rank's training batch of the next iteration."""
     cfg, d = run.cfg, run.dist
     chosen = run.order.take(cfg.train.prompts_per_iteration)[d.rank :: d.world]
-    batch, stats = None, {}
-    if not cfg.algorithm.offline or run.feedback.reward is not None:
-        batch, stats = collect(run, chosen)
-    if cfg.algorithm.offline:
-        batch = collect_preference_pairs(run, chosen)
-    return batch, stats
+    if not cfg.algorithm.offline:
+        batch, gen_s = collect(run, chosen)
+        return Collected(batch=batch, monitor=None, generate_s=gen_s)
+    monitor, gen_s = collect(run, chosen) if run.feedback.reward is not None else (None, None)
+    return Collected(batch=collect_preference_pairs(run, chosen), monitor=monitor, generate_s=gen_s)
 
 
-def collect(run: Run, chosen: list[int]) -> tuple[rollout.Batch, dict]:
-    """Generate, score and compute log pi_t / log pi_ref for the prompts `chosen` (indices into the set)."""
+def collect(run: Run, chosen: list[int]) -> tuple[rollout.Batch, float]:
+    """Generate, score and compute log pi_ref and (unless folded) log pi_t for the prompts `chosen`
+    (indices into the set); returns the batch and the generation's seconds."""
     cfg, d, tok, prompt_set = run.cfg, run.dist, run.tokenizer, run.prompts
     ids, mask = data.left_pad([prompt_set.prompt_ids[i] for i in chosen], tok.pad_token_id, d.device)
     hybrid = prompt_set.partners is not None  # y' from the dataset: sample one response per prompt
@@ -59,19 +70,28 @@ def collect(run: Run, chosen: list[int]) -> tuple[rollout.Batch, dict]:
         if run.feedback.prefer is not None:
             prefs = _anchor_preferences(run.feedback.prefer, responses, d.device)
     with run.timer("logprobs"):
-        old, ref = _old_and_ref_logprobs(run, responses)
-    kl = rollout.sequence_kl(old, ref)
-    scored = None if scores is None else rollout.shape_rewards(scores, kl, cfg.reward.kl_coef)  # [kB]
+        ref = _logprobs(run, run.reference_lp, responses)
+        old = None if batching.folds(cfg) else _logprobs(run, run.policy_lp, responses)  # folded: the update's
+    kl = rewards_ = None
+    if old is not None:
+        kl, rewards_ = kl_and_rewards(cfg, old, ref, scores)
+        if prefs is not None:
+            rewards_ = _preference_rewards(prefs, kl, cfg.reward.kl_coef)
     batch = rollout.Batch.of(responses, old_logprobs=old, ref_logprobs=ref, kl=kl, scores=scores,
-                             anchor_preferences=prefs,
-                             rewards=scored if prefs is None else _preference_rewards(prefs, kl, cfg.reward.kl_coef))
-    return batch, rollout_stats(batch, gen_s, d, scored)
+                             anchor_preferences=prefs, rewards=rewards_)
+    return batch, gen_s
 
 
-def _old_and_ref_logprobs(run: Run, responses: rollout.Responses) -> tuple[torch.Tensor, torch.Tensor]:
-    kw = dict(micro_prompts=run.cfg.train.micro_batch_prompts, temperature=run.cfg.generation.temperature)
-    return (rollout.sequence_logprobs(run.policy_lp, responses, **kw),
-            rollout.sequence_logprobs(run.reference_lp, responses, **kw))
+def kl_and_rewards(cfg, old: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor | None):
+    """The sequence KL [kB] and, when the responses were scored, the KL-shaped reward [kB] (else None)."""
+    kl = rollout.sequence_kl(old, ref)
+    return kl, None if scores is None else rollout.shape_rewards(scores, kl, cfg.reward.kl_coef)
+
+
+def _logprobs(run: Run, model, responses: rollout.Responses) -> torch.Tensor:
+    """Per-token log-probabilities of the responses under `model`, by the update's micro-batches."""
+    parts = batching.micro_batches(run, responses, torch.arange(responses.groups, device=responses.labels.device))
+    return rollout.sequence_logprobs(model, responses, parts, temperature=run.cfg.generation.temperature)
 
 
 def _preference_rewards(prefs: torch.Tensor, kl: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -90,21 +110,24 @@ def _anchor_preferences(prefer, batch: rollout.Responses, device) -> torch.Tenso
     return torch.where(torch.isfinite(prefs), ruled, prefs)  # a broken model's NaN still skips the update
 
 
-def rollout_stats(batch: rollout.Batch, gen_s: float, d: parallel.Dist, scored: torch.Tensor | None) -> dict:
-    """The iteration's rollout metrics, over all ranks. `scored`: the KL-shaped score [kB] when a reward
-    is configured (the training target of reward-based algorithms, a monitor for the others)."""
+def rollout_stats(batch: rollout.Batch, gen_s: float, d: parallel.Dist, kl_coef: float) -> dict:
+    """The iteration's rollout metrics, over all ranks (those of log pi_t only when the batch has it: an
+    iteration screened out before a folded update has none). With a reward configured, the KL-shaped
+    score is the training target of reward-based algorithms and a monitor for the others."""
     valid = batch.labels != rollout.IGNORE
-    gap = (batch.sampler_logprobs - batch.old_logprobs).abs()[valid & batch.sampled[:, None]]
     stats = {
-        "kl/mean": parallel.global_mean_std(batch.kl, d)[0],
         "eos_rate": parallel.global_mean_std(batch.finished.float(), d)[0],
         "response_length/mean": parallel.global_mean_std(valid.sum(-1).float(), d)[0],
         "generation/tokens_per_s": parallel.all_reduce(
             torch.tensor(valid.sum().item() / max(gen_s, 1e-9), device=d.device), d).item(),
-        "logprob_gap/mean_abs": parallel.global_mean_std(gap, d)[0],
     }
     stats["truncation_rate"] = 1 - stats["eos_rate"]
-    if scored is not None:
+    if batch.kl is not None:
+        gap = (batch.sampler_logprobs - batch.old_logprobs).abs()[valid & batch.sampled[:, None]]
+        stats["kl/mean"] = parallel.global_mean_std(batch.kl, d)[0]
+        stats["logprob_gap/mean_abs"] = parallel.global_mean_std(gap, d)[0]
+    if batch.scores is not None and batch.kl is not None:
+        scored = rollout.shape_rewards(batch.scores, batch.kl, kl_coef)
         stats["reward/mean"], stats["reward/std"] = parallel.global_mean_std(scored, d)
         stats["score/mean"] = parallel.global_mean_std(batch.scores, d)[0]
     if batch.anchor_preferences is not None:
@@ -123,8 +146,7 @@ def collect_preference_pairs(run: Run, chosen: list[int]) -> rollout.Batch:
     responses = rollout.from_rollout(ro, [prompt_set.prompts[i] for i in chosen] * 2, tok, samples=2,
                                      sampled=torch.zeros_like(ro.finished))
     with run.timer("logprobs"):
-        ref = rollout.sequence_logprobs(run.reference_lp, responses, micro_prompts=cfg.train.micro_batch_prompts,
-                                        temperature=cfg.generation.temperature)
+        ref = _logprobs(run, run.reference_lp, responses)
     return rollout.Batch.of(responses, ref_logprobs=ref)
 
 

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from engine.algorithms import DPO, RLOO, Algorithm, IterativeDPO, Rebel, RebelPreference, Reinforce
 from engine.generate import SamplingConfig
 
+ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2")
+
 
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
@@ -27,6 +29,10 @@ class ModelConfig:
     dtype: str = "float32"  # parameter dtype of the policy: float32 | bfloat16
     train_top_layers: int = 0  # > 0: train only the top k decoder layers, the final norm and the LM head
     activation_checkpointing: bool = False
+    # transformers' attention for training forwards: sdpa | eager | flex_attention | flash_attention_2
+    # (flash-attn's variable-length kernels for packed micro-batches; the `flash` extra)
+    attn_implementation: str = "sdpa"
+    liger_kernels: bool = False  # GPU: Liger-Kernel's RMSNorm / RoPE / SwiGLU in the policy body (off until measured)
     # LoRA through peft (0: full fine-tuning). The reference is the same model with the adapter
     # disabled, so no second copy of the weights is held (model.reference must stay None).
     lora_rank: int = 0
@@ -69,7 +75,15 @@ class TrainingConfig:
     prompts_per_iteration: int = 64
     num_epochs: int = 4  # passes over each iteration's batch
     minibatches: int = 1  # optimizer steps per epoch (the paper: 1, i.e. accumulate the whole batch)
-    micro_batch_prompts: int = 16  # prompts per forward/backward, each with all its k samples; gradients accumulate
+    # Forwards and backwards by micro-batches, all k samples of a prompt in one; gradients accumulate.
+    # Packed (engine/packing.py): a micro-batch is one padding-free row of at most this many tokens
+    # (0: no packing, padded rows of `micro_batch_prompts` prompts each).
+    micro_batch_tokens: int = 8192
+    micro_batch_prompts: int = 16  # prompts per micro-batch when micro_batch_tokens = 0
+    shared_prefix: bool = True  # packed: each prompt forwarded once per pass with its k responses attending to it
+    # With one optimizer step per epoch, the first epoch's forward records log pi_t instead of a separate
+    # no-grad pass (the first ratio is exactly 0 either way).
+    fold_old_logprobs: bool = True
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -157,7 +171,8 @@ def validate(cfg: TrainConfig) -> None:
     for key, value in {"reward.kl_coef": cfg.reward.kl_coef, "optim.weight_decay": cfg.optim.weight_decay,
                        "optim.warmup_iterations": cfg.optim.warmup_iterations, "checkpoint.every": cfg.checkpoint.every,
                        "checkpoint.stop_grace_s": cfg.checkpoint.stop_grace_s,
-                       "model.train_top_layers": cfg.model.train_top_layers}.items():
+                       "model.train_top_layers": cfg.model.train_top_layers,
+                       "train.micro_batch_tokens": cfg.train.micro_batch_tokens}.items():
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{key} must be >= 0, got {value!r}")
     if cfg.optim.max_grad_norm is not None and not cfg.optim.max_grad_norm > 0:
@@ -165,6 +180,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.train.prompts_per_iteration % cfg.train.minibatches:
         raise ValueError(f"train.prompts_per_iteration ({cfg.train.prompts_per_iteration}) must be divisible by "
                          f"train.minibatches ({cfg.train.minibatches})")
+    if cfg.train.shared_prefix and not cfg.train.micro_batch_tokens:
+        raise ValueError("train.shared_prefix needs packing (train.micro_batch_tokens > 0); with "
+                         "train.micro_batch_tokens=0 set train.shared_prefix=false")
+    if cfg.model.attn_implementation not in ATTENTION:
+        raise ValueError(f"model.attn_implementation must be one of {', '.join(ATTENTION)}, "
+                         f"got {cfg.model.attn_implementation!r}")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {cfg.model.dtype!r}")
     k = cfg.algorithm.samples_per_prompt

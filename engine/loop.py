@@ -19,7 +19,7 @@ from engine import config as config_mod
 from engine import lora, parallel
 from engine.build import Run
 from engine.checkpoint import export_hf, rng_state, set_rng_state
-from engine.collect import iteration_batch, non_finite_quantities
+from engine.collect import iteration_batch, non_finite_quantities, rollout_stats
 from engine.update import update
 
 log = logging.getLogger("rebel")
@@ -184,16 +184,19 @@ def iteration(r: Run, it: int) -> dict:
     with r.timer("sync"):
         parallel.refresh_inference_copy(r.inference, r.policy_lp)
     r.progress.phase("generate")
-    batch, stats = iteration_batch(r)
+    collected = iteration_batch(r)
     r.progress.phase("update")
     _check_stop(r, t_iter)
+    batch, stats = collected.batch, {}
     bad = non_finite_quantities(batch, d)
     if not bad:
         with r.timer("update"):
-            stats.update(update(r, batch))
+            stats, batch = update(r, batch)  # completed with log pi_t when it was folded into the update
     else:
         log.warning("non-finite %s at iteration %d: update skipped", " -> ".join(bad), it)
         r.counters["skipped_batches"] += 1
+    if collected.generate_s is not None:
+        stats |= rollout_stats(collected.monitor or batch, collected.generate_s, d, r.cfg.reward.kl_coef)
     stats.update(r.timer.pop())
     stats.update(r.counters)
     stats["time/iteration"] = r.seconds["iteration"] = time.perf_counter() - t_iter

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 
 import torch
 from torch import nn
 
+from engine import packing
 from engine.generate import Rollout
 from engine.head import Head
 from rebel_kernels import fused_token_logprobs
 
-IGNORE = -100
+IGNORE = packing.IGNORE
+log = logging.getLogger("rebel")
 
 
 class PolicyLogprobs(nn.Module):
@@ -22,26 +25,60 @@ class PolicyLogprobs(nn.Module):
     `fused_token_logprobs` (no logits). Under FSDP2 this wrapper is the
     root module, so inside forward the LM head weight is the gathered tensor.
 
+    `packed` (set at build where `packing.probe` found it exact): the rows go through the model as one
+    padding-free packed sequence (`engine/packing.py`), each prompt once with its `samples` responses
+    when `shared`; a micro-batch longer than the model's sliding window takes the padded path.
+
     `autocast_dtype` (one unsharded process with a bf16 compute dtype; FSDP2's MixedPrecisionPolicy does
     this for sharded runs): the forward runs under torch.autocast and the LM head enters the fused op in
     the hidden states' dtype, while the parameters, their gradients and the optimizer stay float32."""
 
-    def __init__(self, lm: nn.Module, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, lm: nn.Module, autocast_dtype: torch.dtype | None = None, *, packed: bool = False,
+                 shared: bool = False):
         super().__init__()
         self.lm = lm
         self.autocast_dtype = autocast_dtype
+        self.packed, self.shared = packed, shared
+        self.window = packing.sliding_window(lm.config)
+        self.window_notice = False
 
-    def forward(self, input_ids, attention_mask, labels, temperature: float) -> torch.Tensor:
-        """input_ids/attention_mask [R, P + N] (prompt then response), labels [R, N] -> logp [R, N]."""
+    def forward(self, input_ids, attention_mask, labels, temperature: float, samples: int = 1) -> torch.Tensor:
+        """input_ids/attention_mask [R, P + N] (prompt then response), labels [R, N] -> logp [R, N]. Rows
+        are sample-major with `samples` samples per prompt (row s * B + i is sample s of prompt i)."""
+        if self.packed:
+            layout = packing.pack(input_ids, attention_mask, labels, samples if self.shared else 1)
+            if packing.fits_window(layout, self.window):
+                return self._packed(layout, temperature)
+            if not self.window_notice:
+                log.info("packing: a micro-batch holds a sequence of %d tokens, longer than the sliding window (%d):"
+                         " such micro-batches take the padded path", layout.longest, self.window)
+                self.window_notice = True
+        return self._padded(input_ids, attention_mask, labels, temperature)
+
+    def _autocast(self, device: torch.device):
+        return (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                else contextlib.nullcontext())
+
+    def _padded(self, input_ids, attention_mask, labels, temperature):
         n = labels.shape[1]
         start = input_ids.shape[1] - n  # first response position; hidden at start - 1 predicts it
         positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        autocast = (torch.autocast(input_ids.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                    else contextlib.nullcontext())
-        with autocast:
+        with self._autocast(input_ids.device):
             hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                         use_cache=False).last_hidden_state
-        hidden = hidden[:, start - 1 : start - 1 + n]
+        return self._scored(hidden[:, start - 1 : start - 1 + n], labels, temperature)
+
+    def _packed(self, layout: packing.Layout, temperature):
+        implementation = getattr(self.lm.config, "_attn_implementation", None) or "eager"
+        dtype = self.autocast_dtype or self.lm.get_input_embeddings().weight.dtype
+        mask = packing.attention_mask(layout, implementation, dtype)
+        with self._autocast(layout.input_ids.device):
+            hidden = self.lm.base_model(input_ids=layout.input_ids, attention_mask=mask,
+                                        position_ids=layout.position_ids, use_cache=False).last_hidden_state
+        scored = self._scored(hidden[:, layout.source], layout.labels[None], temperature)  # [1, M]
+        return layout.scatter(scored[0])
+
+    def _scored(self, hidden, labels, temperature):
         head = Head.from_model(self.lm)  # read here: under FSDP2 the gathered weight
         if self.autocast_dtype:  # the op takes one dtype; the cast is differentiable (fp32 master grads)
             hidden, head = hidden.to(self.autocast_dtype), head.to(self.autocast_dtype)
@@ -157,14 +194,15 @@ def apply_eos_penalty(raw: torch.Tensor, finished: torch.Tensor, penalty: float)
 
 
 @torch.no_grad()
-def sequence_logprobs(model: PolicyLogprobs, batch: Responses, *, micro_prompts: int,
+def sequence_logprobs(model: PolicyLogprobs, batch: Responses, micro_batches: list[torch.Tensor], *,
                       temperature: float) -> torch.Tensor:
-    """Per-token log-probabilities [kB, N] of the batch's responses, by micro-batches of prompts in order
+    """Per-token log-probabilities [kB, N] of the batch's responses, by micro-batches of prompt indices
     (the first training epoch walks the same micro-batches, so its ratio starts at exactly 0)."""
     out = torch.zeros(batch.labels.shape, dtype=torch.float32, device=batch.labels.device)
-    for prompt_ids in torch.arange(batch.groups, device=batch.labels.device).split(micro_prompts):
+    for prompt_ids in micro_batches:
         rows = batch.rows(prompt_ids)
-        out[rows] = model(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows], temperature).float()
+        out[rows] = model(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows], temperature,
+                          samples=batch.samples).float()
     return out
 
 

@@ -1,18 +1,26 @@
 """The update: `num_epochs` passes over an iteration's batch, each `minibatches` AdamW steps on the
 algorithm's loss (REBEL by default). All samples of a prompt stay in one micro-batch (the REBEL loss
-couples a pair). Metrics stay on the device and are reduced once per optimizer step, over every
-micro-batch and every rank: one host sync per step.
+couples a pair); micro-batches are formed by a token budget (packed) or a prompt count (padded), and
+each one's loss is weighted by its share of the step's prompts, so the update is the same whatever the
+partition. Metrics stay on the device and are reduced once per optimizer step, over every micro-batch
+and every rank: one host sync per step.
+
+Folding (engine/batching.py): with one optimizer step per epoch, the first epoch's forwards record
+log pi_t (the batch arrives without it); the KL and the shaped rewards follow per micro-batch, exactly
+as engine/collect.py computes them, and the completed batch is screened before the first step.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import TYPE_CHECKING
 
 import torch
 
-from engine import parallel, rollout
+from engine import collect, parallel, rollout
 from engine.algorithms import AlgoBatch
+from engine.batching import folds, micro_batches
 
 if TYPE_CHECKING:
     from engine.build import Run
@@ -20,9 +28,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("rebel")
 
 
-def update(run: Run, batch: rollout.Batch) -> dict:
+def update(run: Run, batch: rollout.Batch) -> tuple[dict, rollout.Batch]:
     """Train on one collected batch; returns the update's metrics (loss of the first and last step,
-    the algorithm's metrics averaged over the last step's micro-batches and ranks, the lr)."""
+    the algorithm's metrics averaged over the last step's micro-batches and ranks, the lr) and the batch
+    (completed with log pi_t, the KL and the rewards when they were folded into the first epoch)."""
     cfg, d = run.cfg, run.dist
     groups = batch.groups
     per_mb = groups // cfg.train.minibatches
@@ -32,7 +41,13 @@ def update(run: Run, batch: rollout.Batch) -> dict:
         order = torch.arange(groups) if epoch == 0 else torch.randperm(groups, generator=run.shuffle_generator)
         for mb in order.to(d.device).split(per_mb):
             run.optimizer.zero_grad(set_to_none=True)
-            bad, total, sums = _accumulate_gradients(run, batch, mb)
+            record = batch.old_logprobs is None and folds(cfg)
+            bad, total, sums, batch = _accumulate_gradients(run, batch, mb, record)
+            if record and (names := collect.non_finite_quantities(batch, d)):
+                log.warning("non-finite %s: update skipped", " -> ".join(names))
+                run.counters["skipped_batches"] += 1
+                run.optimizer.zero_grad(set_to_none=True)
+                return {}, batch
             keys = list(sums)
             reduced = parallel.all_reduce(torch.stack([bad, torch.as_tensor(total, device=d.device).float(),
                                                        *(sums[k].float() for k in keys)]), d).tolist()
@@ -49,18 +64,20 @@ def update(run: Run, batch: rollout.Batch) -> dict:
                 run.optimizer_steps += 1
             losses.append(reduced[1] / (len(mb) * d.world))
             algo = {f"algorithm/{k}": v / d.world for k, v in zip(keys, reduced[2:])}
-    return algo | {"loss/first": losses[0] if losses else math.nan, "loss/last": losses[-1] if losses else math.nan,
-                   "lr": run.scheduler.get_last_lr()[0]}
+    metrics = {"loss/first": losses[0] if losses else math.nan, "loss/last": losses[-1] if losses else math.nan,
+               "lr": run.scheduler.get_last_lr()[0]}
+    return algo | metrics, batch
 
 
-def _accumulate_gradients(run: Run, batch: rollout.Batch, mb: torch.Tensor):
+def _accumulate_gradients(run: Run, batch: rollout.Batch, mb: torch.Tensor, record: bool):
     """Forward and backward of one minibatch of prompts, by micro-batches. Returns (non-finite loss
-    count, sum of micro-batch losses x prompts, the algorithm's metrics weighted by prompt share), all
-    on the device."""
+    count, sum of micro-batch losses x prompts, the algorithm's metrics weighted by prompt share, all
+    on the device; the batch, completed with log pi_t when `record`)."""
     d = run.dist
     total, bad, sums = 0.0, torch.zeros((), device=d.device), {}
-    for micro in mb.split(run.cfg.train.micro_batch_prompts):
-        logp, inputs = micro_batch(run, batch, micro)
+    old = torch.zeros(batch.labels.shape, dtype=torch.float32, device=batch.labels.device) if record else None
+    for micro in micro_batches(run, batch, mb):
+        logp, inputs = micro_batch(run, batch, micro, old)
         loss, metrics = run.cfg.algorithm.loss(logp, inputs)  # mean over the micro-batch's prompts
         share = len(micro) / len(mb)
         # Weighted by the micro-batch's share of this rank's minibatch; FSDP2 then averages
@@ -70,18 +87,24 @@ def _accumulate_gradients(run: Run, batch: rollout.Batch, mb: torch.Tensor):
         total += loss.detach() * len(micro)
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value.detach().float() * share
-    return bad, total, sums
+    if record:
+        kl, rewards = collect.kl_and_rewards(run.cfg, old, batch.ref_logprobs, batch.scores)
+        batch = dataclasses.replace(batch, old_logprobs=old, kl=kl, rewards=rewards)
+    return bad, total, sums, batch
 
 
-def micro_batch(run: Run, batch: rollout.Batch, micro: torch.Tensor) -> tuple[torch.Tensor, AlgoBatch]:
+def micro_batch(run: Run, batch: rollout.Batch, micro: torch.Tensor,
+                record: torch.Tensor | None = None) -> tuple[torch.Tensor, AlgoBatch]:
     """The policy's log-probabilities of some prompts' samples and the loss inputs of those rows.
     Samples the loss takes no gradient through (the anchor of REBEL from preferences) are not run
-    through the policy: their rows of `logp` are zeros."""
+    through the policy: their rows of `logp` are zeros. `record` [kB, N]: log pi_t is folded, this
+    forward records it (the loss inputs then derive the KL and rewards from it, as collect does)."""
     cfg = run.cfg
     rows = batch.rows(micro)
-    trained = len(micro) * cfg.algorithm.trained_samples
+    per_prompt = cfg.algorithm.trained_samples
+    trained = len(micro) * per_prompt
     logp = run.policy_lp(batch.input_ids[rows[:trained]], batch.attention_mask[rows[:trained]],
-                         batch.labels[rows[:trained]], cfg.generation.temperature)
+                         batch.labels[rows[:trained]], cfg.generation.temperature, samples=per_prompt)
     if trained < len(rows):
         logp = torch.cat([logp, logp.new_zeros((len(rows) - trained, logp.shape[1]))])
 
@@ -91,8 +114,10 @@ def micro_batch(run: Run, batch: rollout.Batch, micro: torch.Tensor) -> tuple[to
     # rows of the [2B] tensors of REBEL from preferences (two trained samples per prompt)
     pair_rows = torch.cat([micro, micro + batch.groups])
     reward_rows = rows if batch.anchor_preferences is None else pair_rows
-    inputs = AlgoBatch(labels=batch.labels[rows], old_logprobs=take(batch.old_logprobs, rows),
-                       ref_logprobs=take(batch.ref_logprobs, rows), kl=take(batch.kl, rows),
-                       rewards=take(batch.rewards, reward_rows),
-                       anchor_preferences=take(batch.anchor_preferences, pair_rows))
+    old, kl, rewards = take(batch.old_logprobs, rows), take(batch.kl, rows), take(batch.rewards, reward_rows)
+    if record is not None:  # folded: this forward is log pi_t
+        record[rows] = old = logp.detach().float()
+        kl, rewards = collect.kl_and_rewards(run.cfg, old, batch.ref_logprobs[rows], take(batch.scores, rows))
+    inputs = AlgoBatch(labels=batch.labels[rows], old_logprobs=old, ref_logprobs=take(batch.ref_logprobs, rows),
+                       kl=kl, rewards=rewards, anchor_preferences=take(batch.anchor_preferences, pair_rows))
     return logp, inputs

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from engine import config as C
 from engine import data, rewards, rollout
 from engine.build import build, build_feedback
-from engine.collect import collect, collect_preference_pairs
+from engine.collect import collect, collect_preference_pairs, rollout_stats
 from engine.tasks import char_tokenizer, counting_preference, counting_preference_pairs, counting_reward
 from engine.train import train
 from engine.update import update
@@ -68,7 +68,7 @@ def test_preference_pairs_batch_and_the_dpo_step_match_plain_pytorch(tmp_path):
     torch.testing.assert_close(batch.ref_logprobs, _plain_logprobs(reference, batch, 1.0).detach(),
                                rtol=1e-5, atol=1e-5)
     # the loop's DPO loss (micro-batches of 3, 3, 2 prompts) is the plain formula on the whole batch
-    out = update(_with(run, cfg), batch)
+    out, _ = update(_with(run, cfg), batch)
     plain = _plain_logprobs(reference, batch, 1.0).detach().sum(-1)  # policy == reference before the step
     seq_ref = batch.ref_logprobs.sum(-1)
     margin = 0.05 * ((plain[:b] - seq_ref[:b]) - (plain[b:] - seq_ref[b:]))
@@ -183,8 +183,8 @@ def _preference_iteration(tmp_path):
                               logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
                               checkpoint=C.CheckpointConfig(every=0, export_hf=False))
     run = build(cfg)
-    batch, stats = collect(run, list(range(8)))
-    return run, batch, stats
+    batch, gen_s = collect(run, list(range(8)))
+    return run, batch, rollout_stats(batch, gen_s, run.dist, cfg.reward.kl_coef)
 
 
 def test_rebel_preference_batch_and_step_match_plain_pytorch(tmp_path):
@@ -200,7 +200,7 @@ def test_rebel_preference_batch_and_step_match_plain_pytorch(tmp_path):
     # the step skips the anchors' forward; its loss and gradients are REBEL's on (y, y') with
     # targets l(y, y'') - l(y', y'') = 2 (P(y > y'') - P(y' > y'')), plain PyTorch
     twin = [p.detach().clone() for p in policy.parameters()]
-    out = update(_with(run, cfg), batch)
+    out, _ = update(_with(run, cfg), batch)
     grads = [p.grad.clone() for p in policy.parameters()]
     with torch.no_grad():
         for p, q in zip(policy.parameters(), twin):

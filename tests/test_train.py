@@ -15,8 +15,9 @@ import torch
 
 from engine import config as C
 from engine import rollout
+from engine.batching import micro_batches
 from engine.build import build, make_optimizer
-from engine.collect import collect
+from engine.collect import collect, rollout_stats
 from engine.tasks import char_tokenizer, counting_prompts, tiny_llama
 from engine.train import train
 from engine.update import update
@@ -46,12 +47,14 @@ def test_batch_rows_keep_pairs_together():
     assert batch.rows(torch.tensor([2, 0])).tolist() == [2, 0, 6, 4]
 
 
-def _iteration_inputs(tmp_path):
-    """A built run (the seam the loop uses) and one collected batch of its first iteration."""
+def _iteration_inputs(tmp_path, **train):
+    """A built run (the seam the loop uses), one collected batch of its first iteration (log pi_t
+    computed by collect: not folded) and its rollout metrics."""
     cfg = small_cfg(tmp_path, optim=C.OptimConfig(iterations=1, lr=1e-2))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fold_old_logprobs=False, **train))
     run = build(cfg)
-    batch, stats = collect(run, run.order.take(cfg.train.prompts_per_iteration))
-    return run, batch, stats
+    batch, gen_s = collect(run, run.order.take(cfg.train.prompts_per_iteration))
+    return run, batch, rollout_stats(batch, gen_s, run.dist, cfg.reward.kl_coef)
 
 
 def _with(run, cfg):
@@ -87,7 +90,7 @@ def test_one_iteration_matches_plain_pytorch(tmp_path):
     assert stats["kl/mean"] == 0.0
     # one AdamW step on the whole batch equals the plain-PyTorch loss's step
     twin = copy.deepcopy(policy)
-    out = update(_with(run, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_epochs=1))), batch)
+    out, _ = update(_with(run, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_epochs=1))), batch)
     ref_opt = torch.optim.AdamW(twin.parameters(), lr=cfg.optim.lr, eps=cfg.optim.adam_eps, weight_decay=0.0)
     loss = reference_rebel_loss_from_logprobs(_plain_logprobs(twin, batch, T), batch.labels, batch.old_logprobs,
                                               batch.rewards, eta=cfg.algorithm.eta)
@@ -104,15 +107,23 @@ def test_one_iteration_matches_plain_pytorch(tmp_path):
         assert (p.grad - q.grad).norm().item() <= 1e-4 * scale, name
 
 
-def test_micro_batching_does_not_change_the_update(tmp_path):
-    """Gradient accumulation over micro-batches of whole pairs equals one big batch."""
+@pytest.mark.parametrize("small, large", [
+    (dict(micro_batch_tokens=0, shared_prefix=False, micro_batch_prompts=1),
+     dict(micro_batch_tokens=0, shared_prefix=False, micro_batch_prompts=4)),
+    (dict(micro_batch_tokens=12), dict(micro_batch_tokens=8192)),  # packed: by a token budget
+], ids=["padded", "packed"])
+def test_micro_batching_does_not_change_the_update(tmp_path, small, large):
+    """Gradient accumulation over micro-batches of whole pairs (by prompt count, or packed by a token
+    budget) equals one big batch."""
     run, batch, _ = _iteration_inputs(tmp_path)
     results, metrics = [], []
-    for micro in (1, 4):
-        c = dataclasses.replace(run.cfg, train=dataclasses.replace(run.cfg.train, micro_batch_prompts=micro,
-                                                                   num_epochs=1))
+    for overrides in (small, large):
+        c = dataclasses.replace(run.cfg, train=dataclasses.replace(run.cfg.train, num_epochs=1, **overrides))
         run_i = _with(dataclasses.replace(run, policy_lp=copy.deepcopy(run.policy_lp)), c)
-        metrics.append(update(run_i, batch))
+        run_i.policy_lp.packed = run_i.policy_lp.shared = bool(overrides["micro_batch_tokens"])
+        parts = micro_batches(run_i, batch, torch.arange(batch.groups))
+        assert len(parts) > 1 if overrides is small else len(parts) <= 2
+        metrics.append(update(run_i, batch)[0])
         results.append([p.grad.clone() for p in run_i.policy_lp.parameters()])  # the step's accumulated gradient
     for a, b in zip(*results):
         assert (a - b).norm().item() <= 1e-5 * (b.norm().item() + 1e-12)
