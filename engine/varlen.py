@@ -107,7 +107,7 @@ def segments(layout: packing.Layout) -> VarlenPlan:
     starts, lengths = _runs(group, branch)
     trunk = branch[starts] == 0
     owner = _trunk_segments(group[starts], branch[starts], trunk)
-    prefix = torch.where(trunk, 0, lengths[owner] - 1)  # gathered trunk keys before the segment's own
+    prefix = torch.where(trunk, 0, lengths[owner])  # gathered trunk keys before the segment's own
     key_lengths = prefix + lengths
     kv_index = _gather_index(starts, starts[owner], prefix, key_lengths)
     device = layout.input_ids.device
