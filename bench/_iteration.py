@@ -109,6 +109,8 @@ def _describe(cfg, case: IterCase, provider: str) -> dict:
                 new_tokens=cfg.generation.max_new_tokens, epochs=cfg.train.num_epochs,
                 minibatches=cfg.train.minibatches,
                 micro_batch_rows=cfg.generation.samples_per_prompt * cfg.train.micro_batch_prompts,
+                micro_batch_tokens=cfg.train.micro_batch_tokens, shared_prefix=cfg.train.shared_prefix,
+                fold_old_logprobs=cfg.train.fold_old_logprobs,
                 dtype=cfg.model.dtype, threads=torch.get_num_threads(),
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 
@@ -136,7 +138,18 @@ def _patched(module, **attrs):
             setattr(module, name, value)
 
 
-def run_ours(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
+# "ours-off": the engine without prefix sharing, packing and folding (engine/packing.py): padded rows of
+# train.micro_batch_prompts prompts, each prompt forwarded once per response, a separate log pi_t pass.
+UNPACKED = (("train.micro_batch_tokens", "0"), ("train.shared_prefix", "false"), ("train.fold_old_logprobs", "false"))
+
+
+def run_ours_off(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
+    """`run_ours` with sharing, packing and folding off."""
+    return run_ours(dataclasses.replace(case, overrides=case.overrides + UNPACKED), iterations, run_dir,
+                    provider="ours-off")
+
+
+def run_ours(case: IterCase, iterations: int, run_dir: str, provider: str = "ours") -> list[dict]:
     """The engine's loop on the case's config (engine.build.build -> engine.loop.run); phases from the
     run's metrics.jsonl (PhaseTimer). The built run's checkpointer is swapped for one that writes nothing
     (Pythia-1.4B: about 22 GB of disk and time a checkpoint); precision is read off the built models."""
@@ -159,7 +172,7 @@ def run_ours(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
     precision = (f"train {_dtype(run.policy)}{autocast}, reference {_dtype(reference)}, "
                  f"generate {_dtype(run.inference)}")
     n_rows = cfg.train.prompts_per_iteration * cfg.generation.samples_per_prompt
-    return [_describe(cfg, case, "ours") | {f"{p}_s": m.get(f"time/{p}") for p in PHASES} | dict(
+    return [_describe(cfg, case, provider) | {f"{p}_s": m.get(f"time/{p}") for p in PHASES} | dict(
         iteration=m["iteration"], iteration_s=m["time/iteration"], peak_gib=m["memory/peak_gib"],
         tokens=round(m["response_length/mean"] * n_rows), optimizer_steps=cfg.train.num_epochs * cfg.train.minibatches,
         tokens_forwarded=forwarded.get(m["iteration"]),
@@ -167,18 +180,30 @@ def run_ours(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
 
 
 def _count_forwarded_positions(run) -> dict:
-    """Token positions the training passes forward (log pi_t, log pi_ref, every epoch), per iteration:
-    forward pre-hooks on the built run's log-probability modules (generation is not counted)."""
-    per_iteration, count = {}, [0]
+    """Token positions the training passes put through the transformer body (log pi_t, log pi_ref,
+    every epoch; padding included, a packed row counted as its packed tokens), per iteration: hooks
+    on the built run's log-probability modules and their bodies (generation is not counted)."""
+    per_iteration, count, inside = {}, [0], [False]
 
-    def hook(module, args):
-        count[0] += args[0].numel()  # input_ids [rows, positions], padding included
+    def enter(module, args):
+        inside[0] = True
+
+    def leave(module, args, output):
+        inside[0] = False
+
+    def body(module, args, kwargs):
+        if inside[0]:
+            count[0] += (kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).numel()
 
     from engine.rollout import PolicyLogprobs
 
-    run.policy_lp.register_forward_pre_hook(hook)
+    modules = [run.policy_lp]
     if isinstance(run.reference_lp, PolicyLogprobs):  # LoRA's reference runs through policy_lp itself
-        run.reference_lp.register_forward_pre_hook(hook)
+        modules.append(run.reference_lp)
+    for module in modules:
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+        module.lm.base_model.register_forward_pre_hook(body, with_kwargs=True)
     log = run.metrics.log
 
     def logged(iteration, metrics):
@@ -332,7 +357,7 @@ def run_trl(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
     return out
 
 
-RUNNERS = {"ours": run_ours, "trl-rloo": run_trl}
+RUNNERS = {"ours": run_ours, "ours-off": run_ours_off, "trl-rloo": run_trl}
 
 
 # ----------------------------------------------------------------------------------------------

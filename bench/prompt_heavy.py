@@ -6,11 +6,13 @@ interleaved, the steady (last) iteration of each run, the median over runs. Prin
 
     OMP_NUM_THREADS=1 python bench/prompt_heavy.py --runs 3 [--out bench/results/HOST_DATE_prompt-heavy.json]
 
-per provider: iteration_s, the per-phase seconds, tokens_forwarded (token positions of every training
-pass of the iteration: log pi_t, log pi_ref and each epoch, padding included; ours only, counted by
-hooks on the built run) and peak_rss_gib. Providers: "ours" (today: every prompt forwarded once per
-response, rows left-padded) and TRL's RLOOTrainer k = 2 ("trl-rloo", configured as the iteration suite
-does). This is the baseline of prefix sharing and packing.
+per provider: iteration_s, the per-phase seconds, tokens_forwarded (token positions that go through
+the transformer body in every training pass of the iteration: log pi_t, log pi_ref and each epoch,
+padding included; ours only, counted by hooks on the built run) and peak_rss_gib. Providers: "ours"
+(the defaults: each prompt forwarded once per pass with both responses, padding-free packing by a
+token budget, log pi_t folded into the first epoch; engine/packing.py), "ours-off" (all three off:
+every prompt forwarded once per response, rows left-padded, a separate no-grad log pi_t pass) and
+TRL's RLOOTrainer k = 2 ("trl-rloo", configured as the iteration suite does).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--iterations", type=int, default=2, help="per run; the last one is measured")
-    p.add_argument("--providers", nargs="*", default=["ours", "trl-rloo"], choices=list(_iteration.RUNNERS))
+    p.add_argument("--providers", nargs="*", default=["ours", "ours-off", "trl-rloo"], choices=list(_iteration.RUNNERS))
     p.add_argument("--case", default=CASE, choices=list(_iteration.CASES))
     p.add_argument("--out")
     a = p.parse_args(argv)

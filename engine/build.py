@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from engine import block_attention, data, guard, head, lora, packing, parallel, precision, rewards, rollout, varlen
 from engine import config as config_mod
-from engine import data, guard, head, lora, packing, parallel, precision, rewards, rollout
 from engine.checkpoint import Checkpointer, write_text_atomically
 from engine.generate import Sampler, eos_token_ids
 from engine.metrics import MetricsLogger, PhaseTimer, Progress
@@ -221,7 +221,7 @@ def load_models(cfg: config_mod.TrainConfig, device):
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
         policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32,
-                                                      attn_implementation=_hf_attention(cfg))
+                                                      **_attention_kwargs(cfg))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     set_attention(policy, cfg)
@@ -231,7 +231,8 @@ def load_models(cfg: config_mod.TrainConfig, device):
         from transformers import AutoModelForCausalLM
 
         reference = AutoModelForCausalLM.from_pretrained(cfg.model.reference, dtype=torch.float32,
-                                                         attn_implementation=_hf_attention(cfg))
+                                                         **_attention_kwargs(cfg))
+        set_attention(reference, cfg)
     else:
         reference = copy.deepcopy(policy)
     # REBEL regresses onto exact log-ratios: no dropout anywhere (eval mode throughout).
@@ -244,24 +245,36 @@ def load_models(cfg: config_mod.TrainConfig, device):
     return policy, reference, tokenizer
 
 
-def _hf_attention(cfg: config_mod.TrainConfig) -> str:
-    """The name transformers loads the model with: our packed varlen flash attention registers its own."""
-    if cfg.model.attn_implementation != "flash_attention_2":
-        return cfg.model.attn_implementation
-    from engine import varlen
-
-    if not varlen.available():
+def _attention_kwargs(cfg: config_mod.TrainConfig) -> dict:
+    """from_pretrained's attn_implementation (nothing: the family's default)."""
+    name = cfg.model.attn_implementation
+    if name == "flash_attention_2" and not varlen.available():
         raise ValueError("model.attn_implementation='flash_attention_2' needs flash-attn and a CUDA device "
                          "(pip install -e '.[flash]'); use 'sdpa' or 'flex_attention' otherwise")
-    varlen.register()
-    return varlen.NAME
+    return {} if name is None else {"attn_implementation": name}
 
 
 def set_attention(lm: nn.Module, cfg: config_mod.TrainConfig) -> None:
-    """A model built in memory (the built-in ones) switched to model.attn_implementation."""
-    name = _hf_attention(cfg)
-    if getattr(lm.config, "_attn_implementation", None) != name:
+    """model.attn_implementation (None: the one transformers chose for the family), where the engine has
+    its packed form switched to it: SDPA -> blockwise SDPA (engine/block_attention.py), flash-attention-2 ->
+    flash-attn varlen (engine/varlen.py). Both are transformers' own functions when nothing is packed."""
+    name = cfg.model.attn_implementation or getattr(lm.config, "_attn_implementation", None)
+    own = {"sdpa": block_attention, "flash_attention_2": varlen}.get(name)
+    if own is not None and _switch_attention(lm, own):
+        return
+    if name and getattr(lm.config, "_attn_implementation", None) != name:
         lm.set_attn_implementation(name)
+
+
+def _switch_attention(lm: nn.Module, own) -> bool:
+    """Switch to one of the engine's attention functions; False for a family whose attention does not go
+    through transformers' AttentionInterface (it keeps its own, packed with a dense mask)."""
+    own.register()
+    try:
+        lm.set_attn_implementation(own.NAME)
+    except (ValueError, NotImplementedError):
+        return False
+    return getattr(lm.config, "_attn_implementation", None) == own.NAME
 
 
 def packing_mode(lm: nn.Module, cfg: config_mod.TrainConfig) -> tuple[bool, bool]:

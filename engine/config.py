@@ -29,9 +29,10 @@ class ModelConfig:
     dtype: str = "float32"  # parameter dtype of the policy: float32 | bfloat16
     train_top_layers: int = 0  # > 0: train only the top k decoder layers, the final norm and the LM head
     activation_checkpointing: bool = False
-    # transformers' attention for training forwards: sdpa | eager | flex_attention | flash_attention_2
-    # (flash-attn's variable-length kernels for packed micro-batches; the `flash` extra)
-    attn_implementation: str = "sdpa"
+    # transformers' attention: sdpa | eager | flex_attention | flash_attention_2 (None: the family's default).
+    # Packed micro-batches run SDPA blockwise per prompt group and flash-attention-2 through flash-attn's
+    # variable-length kernels (the `flash` extra).
+    attn_implementation: str | None = None
     liger_kernels: bool = False  # GPU: Liger-Kernel's RMSNorm / RoPE / SwiGLU in the policy body (off until measured)
     # LoRA through peft (0: full fine-tuning). The reference is the same model with the adapter
     # disabled, so no second copy of the weights is held (model.reference must stay None).
@@ -183,7 +184,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.train.shared_prefix and not cfg.train.micro_batch_tokens:
         raise ValueError("train.shared_prefix needs packing (train.micro_batch_tokens > 0); with "
                          "train.micro_batch_tokens=0 set train.shared_prefix=false")
-    if cfg.model.attn_implementation not in ATTENTION:
+    if cfg.model.attn_implementation is not None and cfg.model.attn_implementation not in ATTENTION:
         raise ValueError(f"model.attn_implementation must be one of {', '.join(ATTENTION)}, "
                          f"got {cfg.model.attn_implementation!r}")
     if cfg.model.dtype not in ("float32", "bfloat16"):

@@ -21,6 +21,7 @@ one) and keep the padded path.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -141,6 +142,25 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Te
 # ----------------------------------------------------------------------------------------------
 # the mask, in the form each attention implementation takes
 # ----------------------------------------------------------------------------------------------
+def body(lm, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
+    """The transformer body's last hidden states [1, T, H] of a packed layout, under the model's attention
+    implementation: the engine's own (blockwise SDPA, `engine/block_attention.py`; flash-attn varlen,
+    `engine/varlen.py`) take a plan and no mask, transformers' take the mask (`attention_mask`)."""
+    from engine import block_attention, varlen
+
+    implementation = getattr(lm.config, "_attn_implementation", None) or "eager"
+    mask, context = None, contextlib.nullcontext()
+    if implementation == block_attention.NAME:
+        context = block_attention.active(block_attention.plan(layout))
+    elif implementation == varlen.NAME:
+        context = varlen.active(varlen.segments(layout))
+    else:
+        mask = attention_mask(layout, implementation, dtype)
+    with context:
+        return lm.base_model(input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.position_ids,
+                             use_cache=False).last_hidden_state
+
+
 def attention_mask(layout: Layout, implementation: str, dtype: torch.dtype):
     """The packed mask for transformers' `attention_mask` argument: a 4-D [1, 1, T, T] bool mask for
     SDPA (True: attend), a BlockMask for flex attention, an additive float mask (0 / dtype min) for eager
@@ -256,10 +276,7 @@ def _probe_error(lm) -> float:
         labels[row, :resp] = ids[row, p : p + resp]
     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     layout = pack(ids, mask, labels, samples=2)
-    implementation = getattr(lm.config, "_attn_implementation", None) or "eager"
-    dtype = lm.get_input_embeddings().weight.dtype
-    packed = lm.base_model(input_ids=layout.input_ids, attention_mask=attention_mask(layout, implementation, dtype),
-                           position_ids=layout.position_ids, use_cache=False).last_hidden_state[0, layout.source]
+    packed = body(lm, layout, lm.get_input_embeddings().weight.dtype)[0, layout.source]
     start = p
     padded = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
                            use_cache=False).last_hidden_state[:, start - 1 : start - 1 + n][layout.rows, layout.cols]

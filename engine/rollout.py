@@ -69,12 +69,9 @@ class PolicyLogprobs(nn.Module):
         return self._scored(hidden[:, start - 1 : start - 1 + n], labels, temperature)
 
     def _packed(self, layout: packing.Layout, temperature):
-        implementation = getattr(self.lm.config, "_attn_implementation", None) or "eager"
         dtype = self.autocast_dtype or self.lm.get_input_embeddings().weight.dtype
-        mask = packing.attention_mask(layout, implementation, dtype)
         with self._autocast(layout.input_ids.device):
-            hidden = self.lm.base_model(input_ids=layout.input_ids, attention_mask=mask,
-                                        position_ids=layout.position_ids, use_cache=False).last_hidden_state
+            hidden = packing.body(self.lm, layout, dtype)
         scored = self._scored(hidden[:, layout.source], layout.labels[None], temperature)  # [1, M]
         return layout.scatter(scored[0])
 
