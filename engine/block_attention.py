@@ -70,6 +70,11 @@ def active(p: BlockPlan) -> Iterator[BlockPlan]:
         _PLAN.reset(token)
 
 
+def current() -> BlockPlan | None:
+    """The active plan, or None."""
+    return _PLAN.get()
+
+
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
               **kwargs) -> tuple[torch.Tensor, None]:

@@ -161,6 +161,25 @@ def body(lm, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
                              use_cache=False).last_hidden_state
 
 
+def checkpoint_contexts():
+    """`context_fn` of activation checkpointing: a layer's recompute in the backward runs under the packed
+    attention plan that was active at its forward (without it, the recompute would attend causally over
+    the whole packed row)."""
+    from engine import block_attention, varlen
+
+    plans = ((block_attention, block_attention.current()), (varlen, varlen.current()))
+
+    @contextlib.contextmanager
+    def recompute():
+        with contextlib.ExitStack() as stack:
+            for module, plan in plans:
+                if plan is not None:
+                    stack.enter_context(module.active(plan))
+            yield
+
+    return contextlib.nullcontext(), recompute()
+
+
 def attention_mask(layout: Layout, implementation: str, dtype: torch.dtype):
     """The packed mask for transformers' `attention_mask` argument: a 4-D [1, 1, T, T] bool mask for
     SDPA (True: attend), a BlockMask for flex attention, an additive float mask (0 / dtype min) for eager

@@ -76,12 +76,15 @@ def train_only_top_layers(lm: nn.Module, k: int) -> None:
 
 
 def apply_activation_checkpointing(lm: nn.Module) -> None:
-    """Recompute each decoder layer's activations in the backward instead of storing them."""
+    """Recompute each decoder layer's activations in the backward instead of storing them (under the
+    packed-attention plan of the forward: `packing.checkpoint_contexts`)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from engine.packing import checkpoint_contexts
 
     layers = decoder_layers(lm)
     for i, layer in enumerate(layers):
-        layers[i] = checkpoint_wrapper(layer)
+        layers[i] = checkpoint_wrapper(layer, context_fn=checkpoint_contexts)
 
 
 def shard(wrapper: nn.Module, lm: nn.Module, d: Dist, *, mp_policy=None) -> None:
