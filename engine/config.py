@@ -77,9 +77,7 @@ class TrainingConfig:
     num_epochs: int = 4  # passes over each iteration's batch
     minibatches: int = 1  # optimizer steps per epoch (the paper: 1, i.e. accumulate the whole batch)
     # Forwards and backwards by micro-batches, all k samples of a prompt in one; gradients accumulate.
-    # Packed (engine/packing.py): a micro-batch is one padding-free row of at most this many tokens
-    # (0: no packing, padded rows of `micro_batch_prompts` prompts each).
-    micro_batch_tokens: int = 8192
+    micro_batch_tokens: int = 8192  # packed tokens per micro-batch, one padding-free row (0: padded rows, no packing)
     micro_batch_prompts: int = 16  # prompts per micro-batch when micro_batch_tokens = 0
     shared_prefix: bool = True  # packed: each prompt forwarded once per pass with its k responses attending to it
     # With one optimizer step per epoch, the first epoch's forward records log pi_t instead of a separate
@@ -273,7 +271,7 @@ def ultrafeedback_llama3_8b() -> TrainConfig:
         generation=SamplingConfig(max_new_tokens=1024, temperature=0.5, samples_per_prompt=2),
         reward=RewardConfig(model="RLHFlow/ArmoRM-Llama3-8B-v0.1", missing_eos_penalty=-4.0, batch_size=8,
                             kl_coef=0.0),
-        train=TrainingConfig(prompts_per_iteration=32, num_epochs=1, micro_batch_prompts=2),
+        train=TrainingConfig(prompts_per_iteration=32, num_epochs=1, micro_batch_tokens=6144, micro_batch_prompts=2),
         optim=OptimConfig(iterations=1000, lr=1e-7),
     )
 
@@ -288,7 +286,7 @@ def ultrafeedback_dpo_llama3_8b() -> TrainConfig:
         model=ModelConfig(policy=base.model.policy, dtype="bfloat16", lora_rank=16, lora_alpha=32.0),
         data=dataclasses.replace(base.data, chosen_column="chosen", rejected_column="rejected"),
         reward=RewardConfig(kl_coef=0.0),  # offline: no reward model (none is loaded, nothing is sampled)
-        train=dataclasses.replace(base.train, prompts_per_iteration=64, num_epochs=1, micro_batch_prompts=2),
+        train=dataclasses.replace(base.train, prompts_per_iteration=64, num_epochs=1),
         optim=OptimConfig(iterations=950, lr=5e-6, warmup_iterations=10))
 
 
