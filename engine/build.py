@@ -221,9 +221,10 @@ def load_models(cfg: config_mod.TrainConfig, device):
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
         policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32,
-                                                      **_attention_kwargs(cfg))
+                                                      **_attention_kwargs(cfg, device))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _attention_kwargs(cfg, device)  # the same checks for the built-in models
     set_attention(policy, cfg)
     if cfg.model.lora_rank:
         policy, reference = lora.add_lora(policy, cfg.model), None
@@ -231,7 +232,7 @@ def load_models(cfg: config_mod.TrainConfig, device):
         from transformers import AutoModelForCausalLM
 
         reference = AutoModelForCausalLM.from_pretrained(cfg.model.reference, dtype=torch.float32,
-                                                         **_attention_kwargs(cfg))
+                                                         **_attention_kwargs(cfg, device))
         set_attention(reference, cfg)
     else:
         reference = copy.deepcopy(policy)
@@ -245,12 +246,15 @@ def load_models(cfg: config_mod.TrainConfig, device):
     return policy, reference, tokenizer
 
 
-def _attention_kwargs(cfg: config_mod.TrainConfig) -> dict:
+def _attention_kwargs(cfg: config_mod.TrainConfig, device) -> dict:
     """from_pretrained's attn_implementation (nothing: the family's default)."""
     name = cfg.model.attn_implementation
     if name == "flash_attention_2" and not varlen.available():
         raise ValueError("model.attn_implementation='flash_attention_2' needs flash-attn and a CUDA device "
                          "(pip install -e '.[flash]'); use 'sdpa' or 'flex_attention' otherwise")
+    if name == "flex_attention" and torch.device(device).type != "cuda":
+        raise ValueError("model.attn_implementation='flex_attention' needs a CUDA device (PyTorch's flex "
+                         "attention has no backward on CPU); use 'sdpa' or 'eager'")
     return {} if name is None else {"attn_implementation": name}
 
 

@@ -75,13 +75,13 @@ def response_lengths(labels: torch.Tensor) -> torch.Tensor:
 
 
 def group_tokens(attention_mask: torch.Tensor, labels: torch.Tensor, samples: int, shared: bool) -> list[int]:
-    """Packed tokens of each prompt's group, for rows laid out sample-major (row s * B + i); with
-    `shared` False every row is its own group."""
+    """Packed tokens of each prompt's k samples [B], for rows laid out sample-major (row s * B + i); with
+    `shared` False every sample carries its own copy of the prompt."""
     prompt = attention_mask[:, : attention_mask.shape[1] - labels.shape[1]].sum(-1)
     inputs = (response_lengths(labels) - 1).clamp_min(0)
-    if not shared:
-        return (prompt + inputs).tolist()
     b = labels.shape[0] // samples
+    if not shared:  # every sample its own copy of the prompt
+        return (prompt + inputs).view(samples, b).sum(0).tolist()
     return (prompt[:b] + inputs.view(samples, b).sum(0)).tolist()
 
 
@@ -279,7 +279,8 @@ def incompatibility(lm) -> str | None:
 @torch.no_grad()
 def _probe_error(lm) -> float:
     total = min(8, sliding_window(lm.config) or 8)  # every probe sequence within the window
-    prompts, responses = (total // 2, max(1, total // 2 - 1)), (total - total // 2, max(1, total // 2))
+    prompts = (max(1, total // 2), max(1, total // 2 - 1))
+    responses = (max(1, total - total // 2), max(1, total // 2))
     device = lm.get_input_embeddings().weight.device
     g = torch.Generator().manual_seed(0)
     vocab = lm.get_input_embeddings().weight.shape[0]

@@ -1,6 +1,7 @@
 """The engine under faults and bad input (issue 12): feedback functions returning the wrong thing,
 non-finite log-probabilities, corrupt checkpoints, a second run in the same directory, a changed config
 on resume, signals, the command line. Each test names what it guards."""
+import dataclasses
 import json
 import os
 import signal
@@ -321,17 +322,20 @@ def test_a_worker_exits_when_its_launcher_dies(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # non-finite log-probabilities and KL (item 4)
 # ----------------------------------------------------------------------------------------------
-def test_non_finite_reference_logprobs_are_named_and_the_update_skipped(tmp_path, caplog):
+@pytest.mark.parametrize("fold", [False, True])
+def test_non_finite_reference_logprobs_are_named_and_the_update_skipped(tmp_path, caplog, fold):
+    """Screened before the update; folded, log pi_t (and so the KL and the shaped reward) is not computed."""
     from engine import loop
     from engine.build import build
 
-    r = build(small_cfg(tmp_path))
+    cfg = small_cfg(tmp_path)
+    r = build(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fold_old_logprobs=fold)))
     with torch.no_grad():
         r.reference_lp.lm.get_input_embeddings().weight.fill_(float("nan"))
     before = {n: p.detach().clone() for n, p in r.policy_lp.named_parameters()}
     with caplog.at_level("WARNING", logger="rebel"):
         stats = loop.iteration(r, 0)
     assert stats["skipped_batches"] == 1 and "loss/first" not in stats
-    assert "non-finite log pi_ref (the reference's log-probabilities) -> KL (log pi_t - log pi_ref) -> shaped " \
-           "reward" in caplog.text
+    chain = "" if fold else " -> KL (log pi_t - log pi_ref) -> shaped reward (score - kl_coef * KL)"
+    assert f"non-finite log pi_ref (the reference's log-probabilities){chain} at iteration 0" in caplog.text
     assert all(torch.equal(p, before[n]) for n, p in r.policy_lp.named_parameters())

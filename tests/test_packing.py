@@ -345,7 +345,7 @@ def test_pack_refuses_samples_that_do_not_share_their_prompt():
 def test_group_tokens_count_the_packed_tokens():
     ids, mask, labels = _hand_built()
     assert packing.group_tokens(mask, labels, samples=2, shared=True) == [6, 2]
-    assert packing.group_tokens(mask, labels, samples=2, shared=False) == [5, 2, 4, 2]  # rows (see the xfail)
+    assert packing.group_tokens(mask, labels, samples=2, shared=False) == [5 + 4, 2 + 2]  # a prompt copy per sample
     for k in (2, 4):
         ids, mask, labels = shared_batch(k)
         for shared in (True, False):
@@ -587,9 +587,6 @@ def _packed_tokens(batch, prompts, shared):
                         batch.samples if shared else 1).tokens
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: with train.shared_prefix=false, batching.micro_batches budgets "
-                   "prompt i by group_tokens(shared=False)[i], the token count of row i (sample 0) only, not of its "
-                   "k rows: micro-batches hold about k times the budget")
 def test_unshared_packing_respects_the_token_budget(tmp_path):
     run = build.build(_cfg(tmp_path / "on"))
     batch, _ = collect.collect(run, run.order.take(8))
