@@ -78,6 +78,11 @@ def _accumulate_gradients(run: Run, batch: rollout.Batch, mb: torch.Tensor, reco
     old = torch.zeros(batch.labels.shape, dtype=torch.float32, device=batch.labels.device) if record else None
     for micro in micro_batches(run, batch, mb):
         logp, inputs = micro_batch(run, batch, micro, old)
+        if record and not all(torch.isfinite(x).all() for x in (inputs.old_logprobs, inputs.kl, inputs.rewards)
+                              if x is not None):
+            bad += 1  # folded log pi_t is not finite: the screen after this epoch names it, no step is taken
+            (logp.sum() * 0.0).backward()  # a backward all the same: FSDP ranks pair their collectives
+            continue
         loss, metrics = run.cfg.algorithm.loss(logp, inputs)  # mean over the micro-batch's prompts
         share = len(micro) / len(mb)
         # Weighted by the micro-batch's share of this rank's minibatch; FSDP2 then averages

@@ -339,3 +339,19 @@ def test_non_finite_reference_logprobs_are_named_and_the_update_skipped(tmp_path
     chain = "" if fold else " -> KL (log pi_t - log pi_ref) -> shaped reward (score - kl_coef * KL)"
     assert f"non-finite log pi_ref (the reference's log-probabilities){chain} at iteration 0" in caplog.text
     assert all(torch.equal(p, before[n]) for n, p in r.policy_lp.named_parameters())
+
+
+def test_non_finite_folded_policy_logprobs_skip_the_update(tmp_path, caplog):
+    """Folded log pi_t comes from the first epoch's forward: screened there, before the first step."""
+    from engine import loop
+    from engine.build import build
+
+    r = build(small_cfg(tmp_path))
+    forward = r.policy_lp.forward
+    r.policy_lp.forward = lambda *args, **kwargs: forward(*args, **kwargs) * float("nan")
+    before = {n: p.detach().clone() for n, p in r.policy_lp.named_parameters()}
+    with caplog.at_level("WARNING", logger="rebel"):
+        stats = loop.iteration(r, 0)
+    assert stats["skipped_batches"] == 1 and "loss/first" not in stats
+    assert "non-finite log pi_t (the policy's log-probabilities) -> KL" in caplog.text
+    assert all(torch.equal(p, before[n]) for n, p in r.policy_lp.named_parameters())
