@@ -190,8 +190,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
 
 def test_torchrun_two_processes_fsdp2(tmp_path):
-    """The same command on 2 processes (FSDP2 over gloo) runs, checkpoints and exports."""
-    _run_cli(tmp_path / "ddp", nproc=2)
+    """The same command on 2 processes (FSDP2 over gloo) runs, checkpoints and exports; packed by a token
+    budget small enough that the ranks cut their prompts into different numbers of micro-batches (the
+    fewer split until they pair up)."""
+    _run_cli(tmp_path / "ddp", nproc=2, extra=["--train.micro_batch_tokens", "20"])
     rows = _metrics(tmp_path / "ddp")
     assert [r["iteration"] for r in rows] == list(range(6))
     assert (tmp_path / "ddp" / "final" / "model.safetensors").exists()
