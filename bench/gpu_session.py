@@ -10,9 +10,13 @@ cut short keeps what it measured and the next part still runs. In order of value
                Liger-Kernel, Cut Cross-Entropy, torch.compile; p50 time, peak memory above the inputs,
                TFLOP/s, fraction of the matmul peak measured in the same process, and
                bench/perf_model.py's prediction beside ours
+  packing      the GPU-only tests of packed training (pytest -m cuda): blockwise SDPA against padded rows
+               (fp32, bf16), flex attention's compiled BlockMask forward and backward, flash-attn's real
+               varlen kernel (when its wheel is carried), Liger-Kernel's patch (when carried)
   generate     random Pythia-1.4B, 128 rows x 53 new tokens: our loop vs Hugging Face generate, tokens/s
   iteration    one REBEL iteration (random Pythia-1.4B, 128 prompts x 2 x 53 tokens, 4 epochs) per phase
-               and peak memory, ours vs TRL's RLOOTrainer k = 2 (bench/_iteration.py)
+               and peak memory: ours, ours with sharing/packing/folding off, TRL's RLOOTrainer k = 2
+               (bench/_iteration.py)
 
 On the device (torch 2.11, no package index there): peers travel as wheels in .whl/ (gitignored;
 `pip download --no-deps -d .whl liger-kernel cut-cross-entropy trl datasets dill multiprocess` here,
@@ -44,7 +48,8 @@ import torch
 
 from bench._environment import REPO_ROOT, environment
 
-PARTS = {"correctness": 90, "loss": 180, "generate": 80, "iteration": 110}  # seconds each (8 min in all)
+# seconds each (8 min in all), in order of value
+PARTS = {"correctness": 90, "packing": 50, "loss": 140, "generate": 70, "iteration": 130}
 MAX_TOTAL_S = 480
 
 
@@ -277,15 +282,36 @@ def part_iteration(rows: Rows, dry_run: bool) -> None:
     from bench import _iteration
 
     case = "cpu-tiny" if dry_run else "pythia-1.4b-random-128"
-    for provider in ("ours", "trl-rloo"):
+    for provider in ("ours", "ours-off", "trl-rloo"):
         try:
-            for row in _iteration.measure(provider, case, iterations=2, timeout=50):
+            for row in _iteration.measure(provider, case, iterations=2, timeout=40):
                 rows.add(row)
         except Exception as e:
             rows.add(dict(provider=provider, case=case, status="error", error=f"{type(e).__name__}: {str(e)[-400:]}"))
 
 
-RUN = {"correctness": part_correctness, "loss": part_loss, "generate": part_generate, "iteration": part_iteration}
+PACKING_TESTS = ("tests/test_block_attention.py", "tests/test_packing.py", "tests/test_varlen.py",
+                 "tests/test_liger.py")
+
+
+def part_packing(rows: Rows, dry_run: bool) -> None:
+    """The packing tests marked cuda, one row per test with its outcome (pytest's junit report)."""
+    import xml.etree.ElementTree as ET
+
+    report = os.path.join(os.path.dirname(rows.path), "packing-junit.xml")
+    # the rehearsal runs one file's CPU twins (CI runs them all anyway)
+    marker, files = ("not cuda", PACKING_TESTS[:1]) if dry_run else ("cuda", PACKING_TESTS)
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", marker, "-p", "no:cacheprovider",
+                    f"--junitxml={report}", *files], cwd=REPO_ROOT)
+    for case in ET.parse(report).getroot().iter("testcase"):
+        outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
+        detail = next((child.get("message", "") for child in case if child.tag != "system-out"), "")
+        rows.add(dict(test=f"{case.get('classname')}::{case.get('name')}", status=outcome, seconds=case.get("time"),
+                      detail=detail[:400]))
+
+
+RUN = {"correctness": part_correctness, "packing": part_packing, "loss": part_loss, "generate": part_generate,
+       "iteration": part_iteration}
 
 
 # ----------------------------------------------------------------------------------------------

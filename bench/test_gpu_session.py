@@ -6,10 +6,13 @@ from bench import gpu_session
 
 
 def test_dry_run_writes_each_part(tmp_path):
-    rc = gpu_session.main(["--out", str(tmp_path), "--dry-run", "--only", "correctness", "loss", "generate"])
+    rc = gpu_session.main(["--out", str(tmp_path), "--dry-run", "--only", "correctness", "packing", "loss",
+                           "generate"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert rc == 0, summary
-    assert set(summary["parts"]) == {"correctness", "loss", "generate"}
+    assert set(summary["parts"]) == {"correctness", "packing", "loss", "generate"}
+    packing = json.loads((tmp_path / "packing.json").read_text())
+    assert packing["rows"] and all(r["status"] == "passed" for r in packing["rows"]), packing["rows"]
     correctness = json.loads((tmp_path / "correctness.json").read_text())
     assert correctness["environment"]["torch"] and all(r["ok"] for r in correctness["rows"])
     assert {r["backward"] for r in correctness["rows"]} == {"gemm", "atomic"}

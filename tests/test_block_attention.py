@@ -4,10 +4,12 @@ and gradients (1e-5, float32); activation checkpointing recomputes under the for
 plan it is transformers' SDPA; the engine switches SDPA models to it."""
 import copy
 
+import pytest
 import torch
 import transformers as hf
 
 from engine import block_attention, packing, parallel
+from engine.rollout import PolicyLogprobs
 
 IGNORE = packing.IGNORE
 
@@ -110,3 +112,25 @@ def test_without_a_plan_it_is_transformers_sdpa():
         got = switched(input_ids=ids, attention_mask=mask).logits
     assert block_attention.current() is None
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device, dtype, tolerance", [
+    ("cpu", torch.float32, 1e-5),
+    pytest.param("cuda", torch.float32, 1e-4, marks=pytest.mark.cuda),
+    pytest.param("cuda", torch.bfloat16, 3e-2, marks=pytest.mark.cuda),
+])
+def test_packed_log_probs_and_gradients_equal_the_padded_ones(device, dtype, tolerance):
+    """The training forward (PolicyLogprobs) packed on blockwise SDPA against padded rows: per-token
+    log-probabilities and every parameter's gradient of their sum (on CUDA: SDPA's fused kernels)."""
+    block_attention.register()
+    lm = _llama().to(device=device, dtype=dtype)
+    packed_lm = copy.deepcopy(lm)
+    packed_lm.set_attn_implementation(block_attention.NAME)
+    ids, mask, labels = (x.to(device) for x in _batch(5))
+    padded = PolicyLogprobs(lm)(ids, mask, labels, 0.7)
+    packed = PolicyLogprobs(packed_lm, packed=True, shared=True)(ids, mask, labels, 0.7, samples=2)
+    torch.testing.assert_close(packed, padded, rtol=tolerance, atol=tolerance)
+    padded.sum().backward()
+    packed.sum().backward()
+    for (name, p), q in zip(packed_lm.named_parameters(), lm.parameters()):
+        assert (p.grad.float() - q.grad.float()).norm() <= tolerance * q.grad.float().norm() + 1e-6, name

@@ -255,3 +255,27 @@ def test_without_a_plan_it_delegates_to_flash_attention_2(monkeypatch):
     for call in seen:
         assert call["impl"] == "flash_attention_2" and call["causal"] and call["query_length"] == 5
         assert call["shape"] == (2, 5, 4, 8) and torch.equal(call["mask"].long(), mask)
+
+
+@pytest.mark.cuda
+def test_the_real_kernel_matches_dense_attention_on_cuda(monkeypatch):
+    """flash-attn's own varlen kernel (not the emulation) on a packed layout, bf16: outputs and q/k/v
+    gradients against dense masked attention in float32 (bf16 rounding tolerances)."""
+    pytest.importorskip("flash_attn")
+    monkeypatch.setattr(varlen, "flash_attn_varlen_func", None)  # _kernel() imports the real one
+    cpu = random_layout(2, seed=7)
+    layout = _with(cpu, input_ids=cpu.input_ids.cuda(), group=cpu.group.cuda(), branch=cpu.branch.cuda())
+    t, scale = layout.tokens, 64 ** -0.5
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(1, h, t, 64, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
+               for h in (4, 2, 2))
+    with varlen.active(varlen.segments(layout)):
+        out, _ = varlen.attention(_Attn().cuda(), q, k, v, None, scaling=scale)
+    grad = torch.randn(out.shape, generator=g, device="cuda", dtype=torch.bfloat16)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    want = dense(q32, k32, v32, layout.allowed(), scale)
+    want_grads = torch.autograd.grad(want, (q32, k32, v32), grad.float())
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+    for a, b in zip(got, want_grads):
+        torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2)
