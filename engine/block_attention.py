@@ -20,16 +20,16 @@ padded forwards) the function is transformers' own SDPA attention, with its mask
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-from collections.abc import Iterator
 
 import torch
 
+from engine import packing
+
 NAME = "rebel_sdpa"
 
-_PLAN: contextvars.ContextVar[BlockPlan | None] = contextvars.ContextVar("rebel_sdpa_plan", default=None)
+_PLAN = packing.PlanSlot("rebel_sdpa_plan")
+active, current = _PLAN.active, _PLAN.current  # the plan of the packed forward in progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,27 +60,12 @@ def plan(layout) -> BlockPlan:
     return BlockPlan(slots=slots, real=real.flatten(), mask=mask[:, None], tokens=t)
 
 
-@contextlib.contextmanager
-def active(p: BlockPlan) -> Iterator[BlockPlan]:
-    """Within the block, `attention` runs packed forwards with plan `p`."""
-    token = _PLAN.set(p)
-    try:
-        yield p
-    finally:
-        _PLAN.reset(token)
-
-
-def current() -> BlockPlan | None:
-    """The active plan, or None."""
-    return _PLAN.get()
-
-
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
               **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention function: query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D],
     None). With a plan active, blockwise SDPA (the module docstring); else transformers' SDPA."""
-    p = _PLAN.get()
+    p = _PLAN.current()
     if p is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

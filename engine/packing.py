@@ -22,6 +22,7 @@ one) and keep the padded path.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import logging
 
@@ -137,6 +138,27 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Te
     return Layout(input_ids=to(cat(ids)[None]), position_ids=to(cat(pos)[None]), group=to(cat(grp)),
                   branch=to(cat(br)), source=to(cat(src) if src else empty), rows=to(rows_t), cols=to(cols_t),
                   labels=to(labels[rows_t, cols_t]), shape=(r, n_cols), longest=longest)
+
+
+class PlanSlot:
+    """A context-local slot for the plan of the packed forward in progress (the engine's attention
+    functions read it; threads and asyncio tasks each see their own)."""
+
+    def __init__(self, name: str):
+        self._var: contextvars.ContextVar = contextvars.ContextVar(name, default=None)
+
+    def current(self):
+        """The active plan, or None."""
+        return self._var.get()
+
+    @contextlib.contextmanager
+    def active(self, plan):
+        """Within the block, packed forwards run with `plan`."""
+        token = self._var.set(plan)
+        try:
+            yield plan
+        finally:
+            self._var.reset(token)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,11 +41,9 @@ padding mask). A recomputation of the forward (activation checkpointing) must ru
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
@@ -56,7 +54,8 @@ NAME = "rebel_varlen"
 # The varlen kernel, imported from flash_attn on first use; tests put an emulation here.
 flash_attn_varlen_func: Callable | None = None
 
-_PLAN: contextvars.ContextVar[VarlenPlan | None] = contextvars.ContextVar("rebel_varlen_plan", default=None)
+_PLAN = packing.PlanSlot("rebel_varlen_plan")
+active, current = _PLAN.active, _PLAN.current  # the plan of the packed forward in progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,22 +154,6 @@ def _gather_index(starts: torch.Tensor, trunk_starts: torch.Tensor, prefix: torc
     return torch.where(j < pre, trunk_starts[seg] + j, starts[seg] + j - pre)
 
 
-@contextlib.contextmanager
-def active(plan: VarlenPlan) -> Iterator[VarlenPlan]:
-    """Within the block, `attention` runs packed forwards with `plan` (context-local: threads and
-    asyncio tasks each see their own)."""
-    token = _PLAN.set(plan)
-    try:
-        yield plan
-    finally:
-        _PLAN.reset(token)
-
-
-def current() -> VarlenPlan | None:
-    """The active plan, or None."""
-    return _PLAN.get()
-
-
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
               **kwargs) -> tuple[torch.Tensor, None]:
@@ -178,7 +161,7 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     -> ([1, T, H, D], None). With a plan active: one varlen flash-attn call over the plan's segments
     (see the module docstring); `softcap` and `sliding_window` keyword arguments are honoured, attention
     sinks and non-causal attention refused. With none: transformers' flash-attention-2 function."""
-    plan = _PLAN.get()
+    plan = _PLAN.current()
     if plan is None:
         return _delegate(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     _check(plan, query, attention_mask, kwargs)
