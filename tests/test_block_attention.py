@@ -3,6 +3,7 @@ exactly the packed tree mask; a tiny GQA Llama switched to it gives the dense-ma
 and gradients (1e-5, float32); activation checkpointing recomputes under the forward's plan; with no
 plan it is transformers' SDPA; the engine switches SDPA models to it."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -134,3 +135,22 @@ def test_packed_log_probs_and_gradients_equal_the_padded_ones(device, dtype, tol
     packed.sum().backward()
     for (name, p), q in zip(packed_lm.named_parameters(), lm.parameters()):
         assert (p.grad.float() - q.grad.float()).norm() <= tolerance * q.grad.float().norm() + 1e-6, name
+
+
+def test_the_engine_runs_sdpa_models_blockwise_and_refuses_what_cannot_train_here(tmp_path):
+    from engine import config as C
+    from engine.build import build
+
+    cfg = C.TrainConfig(run_dir=str(tmp_path / "run"), logging=C.LoggingConfig(tensorboard=False, plots=False,
+                                                                               progress=False))
+    run = build(cfg)
+    assert run.policy.config._attn_implementation == block_attention.NAME
+    assert run.policy_lp.packed and run.policy_lp.shared and run.reference_lp.packed
+    run.lock.release()
+    for name, match in (("flex_attention", "needs a CUDA device"), ("flash_attention_2", "needs flash-attn")):
+        if torch.cuda.is_available():
+            break
+        bad = dataclasses.replace(cfg, run_dir=str(tmp_path / name),
+                                  model=dataclasses.replace(cfg.model, attn_implementation=name))
+        with pytest.raises(ValueError, match=match):
+            build(bad)

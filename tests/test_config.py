@@ -35,6 +35,9 @@ def test_overrides_are_typed():
     ([("rebel.micro_batch_pairs", "2")], "renamed: use --train.micro_batch_prompts"),
     ([("rebel.kl_coef", "0.1")], "renamed: use --reward.kl_coef"),
     ([("optim", "1")], "is a section"),
+    ([("train.micro_batch_tokens", "0")], "train.shared_prefix needs packing"),
+    ([("train.micro_batch_tokens", "-5")], "train.micro_batch_tokens must be >= 0"),
+    ([("model.attn_implementation", "flash")], "model.attn_implementation must be one of sdpa, eager"),
 ])
 def test_bad_overrides_name_the_key(pairs, match):
     with pytest.raises(ValueError, match=match):
