@@ -1,32 +1,36 @@
-"""Packed micro-batches on PyTorch SDPA, one dense block per group (docs/design.md, "Packing").
+"""Packed micro-batches on SDPA or eager attention, one dense block per group (docs/design.md, "Packing").
 
 A packed micro-batch (`engine.packing`) holds G groups [x | y_1[:-1] | ... | y_k[:-1]] in one row of T
 tokens. No query attends outside its group, so a dense [T, T] mask spends sum_g L_g (T - L_g) of its
 score entries on pairs that are always masked: with a few thousand packed tokens, attention costs more
 than the unpacked rows did. Here each group's queries, keys and values are gathered into a block of
-Lmax = max_g L_g slots, and SDPA runs on [G, H, Lmax, D] with the group's own tree mask (query q sees
-key j iff j <= q and j is on the trunk or on q's branch, `Layout.allowed()` restricted to the group):
+Lmax = max_g L_g slots, and the model's own attention function (transformers' SDPA, or the family's
+eager function with its soft-capping and the like) runs on [G, H, Lmax, D] with the group's tree mask
+(query q sees key j iff j <= q and j is on the trunk or on q's branch, `Layout.allowed()` restricted to
+the group; a bool mask for SDPA, an additive one for eager):
 
     cost G * Lmax^2 instead of T^2,  T = sum_g L_g
 
 The outputs of the real slots are scattered back in packed order; padding slots copy a real token of
 their group, are never visible to a real query (their rows in the mask are False), and their own
 query rows (which see only themselves, so that no row of the softmax is empty) are dropped. The
-numbers are SDPA's on the same keys as the dense mask: exact up to the reduction order.
+numbers are the inner function's on the same keys as the dense mask: exact up to the reduction order.
 
-Use: `register()` once, `lm.set_attn_implementation(NAME)` for a model that runs SDPA, then each packed
-forward inside `with active(plan(layout)):` with attention_mask=None. With no plan active (generation,
-padded forwards) the function is transformers' own SDPA attention, with its masks.
+Use: `name = register(inner)` once ("sdpa" or "eager"), `lm.set_attn_implementation(name)`, then each
+packed forward inside `with active(plan(layout)):` with attention_mask=None. With no plan active
+(generation, padded forwards) the function is the inner one, with transformers' masks for it.
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
 from engine import packing
 
-NAME = "rebel_sdpa"
+NAMES = {"sdpa": "rebel_sdpa", "eager": "rebel_eager"}  # the inner implementation -> the registered name
+NAME = NAMES["sdpa"]
 
 _PLAN = packing.PlanSlot("rebel_sdpa_plan")
 active, current = _PLAN.active, _PLAN.current  # the plan of the packed forward in progress
@@ -60,39 +64,60 @@ def plan(layout) -> BlockPlan:
     return BlockPlan(slots=slots, real=real.flatten(), mask=mask[:, None], tokens=t)
 
 
-def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-              **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention function: query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D],
-    None). With a plan active, blockwise SDPA (the module docstring); else transformers' SDPA."""
-    p = _PLAN.current()
-    if p is None:
+def inner_function(inner: str, module: torch.nn.Module):
+    """The attention function a block runs: transformers' SDPA, or the eager function of the module's
+    family (its own file's `eager_attention_forward`, with the family's soft-cap and scaling)."""
+    if inner == "sdpa":
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    if query.shape[0] != 1 or query.shape[2] != p.tokens:
-        raise ValueError(f"block plan of {p.tokens} tokens, got a query of shape {tuple(query.shape)}")
-    g, width = p.slots.shape
-    heads, groups_of_heads = query.shape[1], query.shape[1] // key.shape[1]
-
-    def blocks(x: torch.Tensor) -> torch.Tensor:  # [1, h, T, D] -> [G, h, Lmax, D]
-        return x[0][:, p.slots].transpose(0, 1)
-
-    k, v = blocks(key), blocks(value)
-    if groups_of_heads > 1:  # grouped-query attention: kv head i serves query heads i * n .. i * n + n - 1
-        k, v = k.repeat_interleave(groups_of_heads, 1), v.repeat_interleave(groups_of_heads, 1)
-    out = torch.nn.functional.scaled_dot_product_attention(blocks(query), k, v, attn_mask=p.mask, scale=scaling,
-                                                           dropout_p=dropout if module.training else 0.0)
-    out = out.transpose(1, 2).reshape(g * width, heads, -1)[p.real]  # [T, H, D], packed order
-    return out[None], None
+        return sdpa_attention_forward
+    function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if function is None:
+        raise ValueError(f"{type(module).__module__} has no eager_attention_forward")
+    return function
 
 
-def register() -> None:
-    """Register `attention` as transformers attention implementation NAME, with SDPA's masks (used when no
-    plan is active). Idempotent."""
+def supports(lm: torch.nn.Module, inner: str) -> bool:
+    """Whether a model can run blockwise with `inner` attention (eager: its family has an eager function)."""
+    return inner == "sdpa" or (inner == "eager" and hasattr(sys.modules[type(lm).__module__],
+                                                            "eager_attention_forward"))
+
+
+def _attention(inner: str):
+    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                  **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """transformers' attention function: query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D],
+        None). With a plan active, the inner function blockwise (the module docstring); else the inner
+        function itself."""
+        function = inner_function(inner, module)
+        p = _PLAN.current()
+        if p is None:
+            return function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if query.shape[0] != 1 or query.shape[2] != p.tokens:
+            raise ValueError(f"block plan of {p.tokens} tokens, got a query of shape {tuple(query.shape)}")
+        g, width = p.slots.shape
+
+        def blocks(x: torch.Tensor) -> torch.Tensor:  # [1, h, T, D] -> [G, h, Lmax, D]
+            return x[0][:, p.slots].transpose(0, 1)
+
+        mask = p.mask if inner == "sdpa" else torch.zeros(p.mask.shape, dtype=query.dtype, device=query.device
+                                                          ).masked_fill(~p.mask, torch.finfo(query.dtype).min)
+        out, _ = function(module, blocks(query), blocks(key), blocks(value), mask, scaling=scaling, dropout=dropout,
+                          **kwargs)  # [G, Lmax, H, D]
+        return out.reshape(g * width, *out.shape[2:])[p.real][None], None  # [1, T, H, D], packed order
+
+    return attention
+
+
+def register(inner: str = "sdpa") -> str:
+    """Register the blockwise form of `inner` ("sdpa" or "eager") as a transformers attention
+    implementation, with transformers' masks for `inner` (used when no plan is active); its name.
+    Idempotent."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-    AttentionInterface.register(NAME, attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    name = NAMES[inner]
+    AttentionInterface.register(name, _attention(inner))
+    AttentionMaskInterface.register(name, {"sdpa": sdpa_mask, "eager": eager_mask}[inner])
+    return name

@@ -260,25 +260,32 @@ def _attention_kwargs(cfg: config_mod.TrainConfig, device) -> dict:
 
 def set_attention(lm: nn.Module, cfg: config_mod.TrainConfig) -> None:
     """model.attn_implementation (None: the one transformers chose for the family), where the engine has
-    its packed form switched to it: SDPA -> blockwise SDPA (engine/block_attention.py), flash-attention-2 ->
-    flash-attn varlen (engine/varlen.py). Both are transformers' own functions when nothing is packed."""
-    name = cfg.model.attn_implementation or getattr(lm.config, "_attn_implementation", None)
-    own = {"sdpa": block_attention, "flash_attention_2": varlen}.get(name)
-    if own is not None and _switch_attention(lm, own):
-        return
+    its packed form switched to it: SDPA and eager -> blockwise per prompt group (engine/block_attention.py),
+    flash-attention-2 -> flash-attn varlen (engine/varlen.py). Each is the inner function when nothing is
+    packed. A family whose attention does not go through transformers' AttentionInterface keeps its own
+    (packed with a dense mask)."""
+    current = getattr(lm.config, "_attn_implementation", None)
+    name = cfg.model.attn_implementation or current
+    own = _engine_attention(lm, name)
+    if own is not None:
+        try:
+            lm.set_attn_implementation(own)
+        except (ValueError, NotImplementedError):
+            pass
+        if getattr(lm.config, "_attn_implementation", None) == own:
+            return
     if name and getattr(lm.config, "_attn_implementation", None) != name:
         lm.set_attn_implementation(name)
 
 
-def _switch_attention(lm: nn.Module, own) -> bool:
-    """Switch to one of the engine's attention functions; False for a family whose attention does not go
-    through transformers' AttentionInterface (it keeps its own, packed with a dense mask)."""
-    own.register()
-    try:
-        lm.set_attn_implementation(own.NAME)
-    except (ValueError, NotImplementedError):
-        return False
-    return getattr(lm.config, "_attn_implementation", None) == own.NAME
+def _engine_attention(lm: nn.Module, name: str | None) -> str | None:
+    """The engine's registered packed form of attention `name`, or None."""
+    if name == "flash_attention_2":
+        varlen.register()
+        return varlen.NAME
+    if name in block_attention.NAMES and block_attention.supports(lm, name):
+        return block_attention.register(name)
+    return None
 
 
 def packing_mode(lm: nn.Module, cfg: config_mod.TrainConfig) -> tuple[bool, bool]:

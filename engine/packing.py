@@ -166,13 +166,13 @@ class PlanSlot:
 # ----------------------------------------------------------------------------------------------
 def body(lm, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
     """The transformer body's last hidden states [1, T, H] of a packed layout, under the model's attention
-    implementation: the engine's own (blockwise SDPA, `engine/block_attention.py`; flash-attn varlen,
+    implementation: the engine's own (blockwise SDPA or eager, `engine/block_attention.py`; flash-attn varlen,
     `engine/varlen.py`) take a plan and no mask, transformers' take the mask (`attention_mask`)."""
     from engine import block_attention, varlen
 
     implementation = getattr(lm.config, "_attn_implementation", None) or "eager"
     mask, context = None, contextlib.nullcontext()
-    if implementation == block_attention.NAME:
+    if implementation in block_attention.NAMES.values():
         context = block_attention.active(block_attention.plan(layout))
     elif implementation == varlen.NAME:
         context = varlen.active(varlen.segments(layout))

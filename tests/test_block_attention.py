@@ -78,17 +78,44 @@ def _assert_grads_close(a: dict, b: dict, rel: float):
         assert (a[name] - b[name]).norm() <= rel * b[name].norm() + 1e-7, name
 
 
-def test_blockwise_sdpa_equals_the_dense_mask_values_and_gradients():
+@pytest.mark.parametrize("inner", ["sdpa", "eager"])
+def test_blockwise_attention_equals_the_dense_mask_values_and_gradients(inner):
     lm = _llama()
-    assert lm.config._attn_implementation == "sdpa"
+    lm.set_attn_implementation(inner)
     layout = packing.pack(*_batch(2), samples=2)
     dense_h, dense_g = _hidden_and_grads(lm, layout)
-    block_attention.register()
     blocked = copy.deepcopy(lm)
-    blocked.set_attn_implementation(block_attention.NAME)
+    blocked.set_attn_implementation(block_attention.register(inner))
     block_h, block_g = _hidden_and_grads(blocked, layout)
     torch.testing.assert_close(block_h, dense_h, rtol=1e-5, atol=1e-5)
     _assert_grads_close(block_g, dense_g, 1e-5)
+
+
+def test_blockwise_eager_keeps_the_familys_soft_capped_attention():
+    """Gemma-2's eager attention soft-caps its scores: blockwise packed equals padded rows."""
+    torch.manual_seed(0)
+    lm = hf.Gemma2ForCausalLM(hf.Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                              vocab_size=128, sliding_window=64, attn_logit_softcapping=2.0,
+                                              query_pre_attn_scalar=8)).eval()
+    with torch.no_grad():  # scores of O(10), where the cap of 2 bites; logits of O(5)
+        for layer in lm.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30.0)
+            layer.self_attn.k_proj.weight.mul_(30.0)
+        lm.lm_head.weight.mul_(5.0 / lm.lm_head.weight.norm(dim=1).mean())
+    assert lm.config._attn_implementation == "eager"
+    packed_lm = copy.deepcopy(lm)
+    packed_lm.set_attn_implementation(block_attention.register("eager"))
+    ids, mask, labels = _batch(6)
+    padded = PolicyLogprobs(lm)(ids, mask, labels, 1.0)
+    packed = PolicyLogprobs(packed_lm, packed=True, shared=True)(ids, mask, labels, 1.0, samples=2)
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    uncapped = copy.deepcopy(packed_lm)
+    uncapped.config.attn_logit_softcapping = None
+    for layer in uncapped.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    other = PolicyLogprobs(uncapped, packed=True, shared=True)(ids, mask, labels, 1.0, samples=2)
+    assert (other - padded).abs().max() > 1e-3  # the cap matters here: the family's function ran
 
 
 def test_activation_checkpointing_recomputes_under_the_forwards_plan():

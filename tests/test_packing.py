@@ -113,7 +113,7 @@ def packed_calls(monkeypatch):
 
 # what a packed forward hands each attention implementation
 _MASK_KIND = {"sdpa": "torch.bool", "eager": "torch.float32", "flex_attention": "BlockMask",
-              block_attention.NAME: "BlockPlan"}
+              **{name: "BlockPlan" for name in block_attention.NAMES.values()}}
 
 
 def _three_ways(model, k, packed_calls):
@@ -245,8 +245,8 @@ def test_sliding_window_longer_than_the_batch_takes_the_packed_path(family, k, a
     assert layout.longest == LONGEST and packing.fits_window(layout, window)
     _assert_packed_equals_padded(model, k, packed_calls, f"{family} ({attention})")
     assert packed_calls.count("packed") == 2, packed_calls
-    eager = family in ("gemma2", "llama_eager")
-    implementation = "eager" if eager else "sdpa" if attention == "loaded" else block_attention.NAME
+    inner = "eager" if family in ("gemma2", "llama_eager") else "sdpa"
+    implementation = inner if attention == "loaded" else block_attention.NAMES[inner]
     assert model.config._attn_implementation == implementation
     assert set(packed_calls) - {"packed"} == {_MASK_KIND[implementation]}
 
@@ -447,7 +447,7 @@ def _unfolded(batch):
 def test_rebel_step_packed_equals_padded(attention, tmp_path):
     """(a) The same sampled responses: log pi_t and log pi_ref of the packed modules (built with packing
     on) within 1e-5 of the padded ones, and one REBEL step's accumulated gradients within rel 1e-5; with
-    the family's attention (the built-in Llama: SDPA, packed blockwise) and with eager attention."""
+    the family's attention (the built-in Llama: SDPA) and with eager attention, both packed blockwise."""
     def cfg(name, **train):
         c = _cfg(tmp_path / name, **train)
         return dataclasses.replace(c, model=dataclasses.replace(c.model, attn_implementation=attention))
@@ -455,7 +455,7 @@ def test_rebel_step_packed_equals_padded(attention, tmp_path):
     off, on = build.build(cfg("off", **OFF)), build.build(cfg("on"))
     assert (off.policy_lp.packed, on.policy_lp.packed, on.policy_lp.shared, on.reference_lp.packed) == (
         False, True, True, True)
-    assert on.policy.config._attn_implementation == (attention or block_attention.NAME)
+    assert on.policy.config._attn_implementation == block_attention.NAMES[attention or "sdpa"]
     for a, b in zip(off.policy.parameters(), on.policy.parameters()):
         assert torch.equal(a, b)
     batch, _ = collect.collect(off, off.order.take(8))
