@@ -33,13 +33,18 @@ def char_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
                                    padding_side="left")
 
 
+def _special_tokens(tokenizer) -> dict:
+    """The config fields every built-in model takes from its tokenizer (and an untied head)."""
+    return dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+
+
 def tiny_llama(tokenizer, *, seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
     """A 2-layer, 64-wide Llama with random weights, sized for the character vocabulary."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+                      **_special_tokens(tokenizer))
     model = LlamaForCausalLM(cfg).to(dtype)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -51,8 +56,7 @@ def random_pythia_1b4(tokenizer, *, seed: int = 0) -> GPTNeoXForCausalLM:
     torch.manual_seed(seed)
     cfg = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
                         num_attention_heads=16, rotary_pct=0.25, max_position_embeddings=2048,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+                        **_special_tokens(tokenizer))
     return GPTNeoXForCausalLM(cfg)
 
 
@@ -62,8 +66,7 @@ def random_llama_32k(tokenizer, *, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+                      **_special_tokens(tokenizer))
     return LlamaForCausalLM(cfg)
 
 
