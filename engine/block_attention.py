@@ -64,6 +64,11 @@ def plan(layout) -> BlockPlan:
     return BlockPlan(slots=slots, real=real.flatten(), mask=mask[:, None], tokens=t)
 
 
+def _family_eager(obj: torch.nn.Module):
+    """The `eager_attention_forward` of the file that defines a model or attention module's class, or None."""
+    return getattr(sys.modules[type(obj).__module__], "eager_attention_forward", None)
+
+
 def inner_function(inner: str, module: torch.nn.Module):
     """The attention function a block runs: transformers' SDPA, or the eager function of the module's
     family (its own file's `eager_attention_forward`, with the family's soft-cap and scaling)."""
@@ -71,7 +76,7 @@ def inner_function(inner: str, module: torch.nn.Module):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward
-    function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    function = _family_eager(module)
     if function is None:
         raise ValueError(f"{type(module).__module__} has no eager_attention_forward")
     return function
@@ -79,8 +84,7 @@ def inner_function(inner: str, module: torch.nn.Module):
 
 def supports(lm: torch.nn.Module, inner: str) -> bool:
     """Whether a model can run blockwise with `inner` attention (eager: its family has an eager function)."""
-    return inner == "sdpa" or (inner == "eager" and hasattr(sys.modules[type(lm).__module__],
-                                                            "eager_attention_forward"))
+    return inner == "sdpa" or (inner == "eager" and _family_eager(lm) is not None)
 
 
 def _attention(inner: str):
@@ -101,8 +105,7 @@ def _attention(inner: str):
         def blocks(x: torch.Tensor) -> torch.Tensor:  # [1, h, T, D] -> [G, h, Lmax, D]
             return x[0][:, p.slots].transpose(0, 1)
 
-        mask = p.mask if inner == "sdpa" else torch.zeros(p.mask.shape, dtype=query.dtype, device=query.device
-                                                          ).masked_fill(~p.mask, torch.finfo(query.dtype).min)
+        mask = p.mask if inner == "sdpa" else packing.additive(p.mask, query.dtype)
         out, _ = function(module, blocks(query), blocks(key), blocks(value), mask, scaling=scaling, dropout=dropout,
                           **kwargs)  # [G, Lmax, H, D]
         return out.reshape(g * width, *out.shape[2:])[p.real][None], None  # [1, T, H, D], packed order

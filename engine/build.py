@@ -209,6 +209,7 @@ def check_resume_config(cfg: config_mod.TrainConfig, ckpt: Checkpointer, start: 
 def load_models(cfg: config_mod.TrainConfig, device):
     """(policy, reference, tokenizer), through from_pretrained, or the built-in tiny model. With LoRA
     the reference is None: log pi_ref is the policy with its adapters disabled (no second copy)."""
+    attention = _attention_kwargs(cfg, device)
     if cfg.model.policy.startswith("builtin:"):
         name = cfg.model.policy.split(":", 1)[1]
         if name not in BUILTIN_MODELS:
@@ -220,19 +221,16 @@ def load_models(cfg: config_mod.TrainConfig, device):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
-        policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32,
-                                                      **_attention_kwargs(cfg, device))
+        policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32, **attention)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    _attention_kwargs(cfg, device)  # the same checks for the built-in models
     set_attention(policy, cfg)
     if cfg.model.lora_rank:
         policy, reference = lora.add_lora(policy, cfg.model), None
     elif cfg.model.reference:
         from transformers import AutoModelForCausalLM
 
-        reference = AutoModelForCausalLM.from_pretrained(cfg.model.reference, dtype=torch.float32,
-                                                         **_attention_kwargs(cfg, device))
+        reference = AutoModelForCausalLM.from_pretrained(cfg.model.reference, dtype=torch.float32, **attention)
         set_attention(reference, cfg)
     else:
         reference = copy.deepcopy(policy)
@@ -247,7 +245,8 @@ def load_models(cfg: config_mod.TrainConfig, device):
 
 
 def _attention_kwargs(cfg: config_mod.TrainConfig, device) -> dict:
-    """from_pretrained's attn_implementation (nothing: the family's default)."""
+    """from_pretrained's attn_implementation (nothing: the family's default), checked against what this
+    machine can train with."""
     name = cfg.model.attn_implementation
     if name == "flash_attention_2" and not varlen.available():
         raise ValueError("model.attn_implementation='flash_attention_2' needs flash-attn and a CUDA device "

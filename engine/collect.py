@@ -70,8 +70,9 @@ def collect(run: Run, chosen: list[int]) -> tuple[rollout.Batch, float]:
         if run.feedback.prefer is not None:
             prefs = _anchor_preferences(run.feedback.prefer, responses, d.device)
     with run.timer("logprobs"):
-        ref = _logprobs(run, run.reference_lp, responses)
-        old = None if batching.folds(cfg) else _logprobs(run, run.policy_lp, responses)  # folded: the update's
+        parts = _micro_batches(run, responses)  # one cut for both passes (and the first epoch's)
+        ref = _logprobs(run, run.reference_lp, responses, parts)
+        old = None if batching.folds(cfg) else _logprobs(run, run.policy_lp, responses, parts)  # folded: the update's
     kl = rewards_ = None
     if old is not None:
         kl, rewards_ = kl_and_rewards(cfg, old, ref, scores)
@@ -88,9 +89,13 @@ def kl_and_rewards(cfg, old: torch.Tensor, ref: torch.Tensor, scores: torch.Tens
     return kl, None if scores is None else rollout.shape_rewards(scores, kl, cfg.reward.kl_coef)
 
 
-def _logprobs(run: Run, model, responses: rollout.Responses) -> torch.Tensor:
-    """Per-token log-probabilities of the responses under `model`, by the update's micro-batches."""
-    parts = batching.micro_batches(run, responses, torch.arange(responses.groups, device=responses.labels.device))
+def _micro_batches(run: Run, responses: rollout.Responses) -> list[torch.Tensor]:
+    """The update's first-epoch micro-batches of the responses' prompts, in order."""
+    return batching.micro_batches(run, responses, torch.arange(responses.groups, device=responses.labels.device))
+
+
+def _logprobs(run: Run, model, responses: rollout.Responses, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-token log-probabilities of the responses under `model`, by the micro-batches `parts`."""
     return rollout.sequence_logprobs(model, responses, parts, temperature=run.cfg.generation.temperature)
 
 
@@ -146,7 +151,7 @@ def collect_preference_pairs(run: Run, chosen: list[int]) -> rollout.Batch:
     responses = rollout.from_rollout(ro, [prompt_set.prompts[i] for i in chosen] * 2, tok, samples=2,
                                      sampled=torch.zeros_like(ro.finished))
     with run.timer("logprobs"):
-        ref = _logprobs(run, run.reference_lp, responses)
+        ref = _logprobs(run, run.reference_lp, responses, _micro_batches(run, responses))
     return rollout.Batch.of(responses, ref_logprobs=ref)
 
 

@@ -16,20 +16,18 @@ With sharing off each (prompt, response) pair is its own group: padding-free pac
 
 The attention mask this needs is handed to transformers in the form its attention implementation takes:
 a 4-D boolean mask for SDPA, an additive float mask for eager attention, a flex-attention BlockMask.
-Families that cannot take it are found at load by `probe` (a packed forward compared with the padded
-one) and keep the padded path.
+Families that cannot take it are found at load by `incompatibility` (a packed forward compared with the
+padded one) and keep the padded path.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import dataclasses
-import logging
 
 import torch
 
 IGNORE = -100
-log = logging.getLogger("rebel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +181,17 @@ def body(lm, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
                              use_cache=False).last_hidden_state
 
 
+def padded_body(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor, responses: int) -> torch.Tensor:
+    """The unpacked computation: left-padded rows [R, P + N] through the body, position ids from the mask;
+    the hidden states [R, N, H] that predict the last `responses` = N positions (the one at P - 1 predicts
+    the first response token)."""
+    start = input_ids.shape[1] - responses
+    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                           use_cache=False).last_hidden_state
+    return hidden[:, start - 1 : start - 1 + responses]
+
+
 def checkpoint_contexts():
     """`context_fn` of activation checkpointing: a layer's recompute in the backward runs under the packed
     attention plan that was active at its forward (without it, the recompute would attend causally over
@@ -209,10 +218,12 @@ def attention_mask(layout: Layout, implementation: str, dtype: torch.dtype):
     if implementation == "flex_attention":
         return block_mask(layout)
     allowed = layout.allowed()[None, None]
-    if implementation == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
-                                                                                       torch.finfo(dtype).min)
+    return allowed if implementation == "sdpa" else additive(allowed, dtype)
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True: attend) as the additive mask eager attention takes: 0 / the dtype's minimum."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def block_mask(layout: Layout):
@@ -319,8 +330,6 @@ def _probe_error(lm) -> float:
     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     layout = pack(ids, mask, labels, samples=2)
     packed = body(lm, layout, lm.get_input_embeddings().weight.dtype)[0, layout.source]
-    start = p
-    padded = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-                           use_cache=False).last_hidden_state[:, start - 1 : start - 1 + n][layout.rows, layout.cols]
+    padded = padded_body(lm, ids, mask, n)[layout.rows, layout.cols]
     packed, padded = packed.float(), padded.float()
     return ((packed - padded).norm(dim=-1) / padded.norm(dim=-1).clamp_min(1e-12)).max().item()

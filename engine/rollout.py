@@ -25,7 +25,7 @@ class PolicyLogprobs(nn.Module):
     `fused_token_logprobs` (no logits). Under FSDP2 this wrapper is the
     root module, so inside forward the LM head weight is the gathered tensor.
 
-    `packed` (set at build where `packing.probe` found it exact): the rows go through the model as one
+    `packed` (set at build where `packing.incompatibility` found it exact): the rows go through the model as one
     padding-free packed sequence (`engine/packing.py`), each prompt once with its `samples` responses
     when `shared`; a micro-batch longer than the model's sliding window takes the padded path.
 
@@ -60,13 +60,9 @@ class PolicyLogprobs(nn.Module):
                 else contextlib.nullcontext())
 
     def _padded(self, input_ids, attention_mask, labels, temperature):
-        n = labels.shape[1]
-        start = input_ids.shape[1] - n  # first response position; hidden at start - 1 predicts it
-        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         with self._autocast(input_ids.device):
-            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                        use_cache=False).last_hidden_state
-        return self._scored(hidden[:, start - 1 : start - 1 + n], labels, temperature)
+            hidden = packing.padded_body(self.lm, input_ids, attention_mask, labels.shape[1])
+        return self._scored(hidden, labels, temperature)
 
     def _packed(self, layout: packing.Layout, temperature):
         dtype = self.autocast_dtype or self.lm.get_input_embeddings().weight.dtype

@@ -461,8 +461,8 @@ def test_rebel_step_packed_equals_padded(attention, tmp_path):
     batch, _ = collect.collect(off, off.order.take(8))
     valid = batch.labels != IGNORE
     assert batch.old_logprobs is not None and len(set(valid.sum(-1).tolist())) > 2  # various lengths
-    old = collect._logprobs(on, on.policy_lp, batch)
-    ref = collect._logprobs(on, on.reference_lp, batch)
+    old = collect._logprobs(on, on.policy_lp, batch, collect._micro_batches(on, batch))
+    ref = collect._logprobs(on, on.reference_lp, batch, collect._micro_batches(on, batch))
     torch.testing.assert_close(old, batch.old_logprobs, rtol=0, atol=ATOL)
     torch.testing.assert_close(ref, batch.ref_logprobs, rtol=0, atol=ATOL)
     assert (old[~valid] == 0).all()
@@ -483,7 +483,8 @@ def test_folded_old_logprobs_complete_the_batch(tmp_path):
     batch, _ = collect.collect(run, run.order.take(8))
     assert batch.old_logprobs is None and batch.kl is None and batch.rewards is None
     assert batch.ref_logprobs is not None and batch.scores is not None
-    old = collect._logprobs(run, run.policy_lp, batch)  # what an unfolded packed collect records
+    # what an unfolded packed collect records
+    old = collect._logprobs(run, run.policy_lp, batch, collect._micro_batches(run, batch))
     kl, rewards = collect.kl_and_rewards(run.cfg, old, batch.ref_logprobs, batch.scores)
     unfolded = dataclasses.replace(batch, old_logprobs=old, kl=kl, rewards=rewards)
     metrics, done, grads = _step(_variant(run), batch)
@@ -506,7 +507,7 @@ def test_folded_old_logprobs_complete_the_batch(tmp_path):
     assert two[0][0]["loss/last"] == pytest.approx(two[1][0]["loss/last"], rel=1e-5)
     _assert_same_step(two[0][2], two[1][2], "second epoch, folded vs unfolded")
     padded = _variant(run, **OFF)
-    padded_old = collect._logprobs(padded, padded.policy_lp, batch)
+    padded_old = collect._logprobs(padded, padded.policy_lp, batch, collect._micro_batches(padded, batch))
     torch.testing.assert_close(done.old_logprobs, padded_old, rtol=0, atol=ATOL)
     _, _, padded_grads = _step(padded, dataclasses.replace(unfolded, old_logprobs=padded_old))
     _assert_same_step(grads, padded_grads, "folded packed vs padded")
@@ -528,7 +529,7 @@ def test_other_algorithms_packed_equal_padded(algorithm, tmp_path):
     assert batch.samples == algorithm.samples_per_prompt
     on = _variant(off, micro_batch_tokens=8192, shared_prefix=True, fold_old_logprobs=True)
     assert batching.folds(on.cfg) == isinstance(algorithm, RLOO)
-    ref = collect._logprobs(on, on.reference_lp, batch)
+    ref = collect._logprobs(on, on.reference_lp, batch, collect._micro_batches(on, batch))
     torch.testing.assert_close(ref, batch.ref_logprobs, rtol=0, atol=ATOL)
     _, _, want = _step(_variant(off), batch)
     if algorithm.offline:
@@ -536,7 +537,7 @@ def test_other_algorithms_packed_equal_padded(algorithm, tmp_path):
     elif batching.folds(on.cfg):
         packed_batch = dataclasses.replace(_unfolded(batch), ref_logprobs=ref)
     else:  # what collect records on the packed run: log pi_t, the KL and the preference rewards
-        old = collect._logprobs(on, on.policy_lp, batch)
+        old = collect._logprobs(on, on.policy_lp, batch, collect._micro_batches(on, batch))
         torch.testing.assert_close(old, batch.old_logprobs, rtol=0, atol=ATOL)
         kl = collect.rollout.sequence_kl(old, ref)
         rewards = collect._preference_rewards(batch.anchor_preferences, kl, on.cfg.reward.kl_coef)
@@ -568,7 +569,7 @@ def test_a_small_token_budget_splits_without_changing_the_step(tmp_path):
         elif name == "single":
             assert [p.tolist() for p in parts] == [[i] for i in range(batch.groups)]
         if name == "padded":  # the padded path records log pi_t in collect, as an unfolded run does
-            old = collect._logprobs(variant, variant.policy_lp, batch)
+            old = collect._logprobs(variant, variant.policy_lp, batch, collect._micro_batches(variant, batch))
             kl, rewards = collect.kl_and_rewards(variant.cfg, old, batch.ref_logprobs, batch.scores)
             steps[name] = _step(variant, dataclasses.replace(batch, old_logprobs=old, kl=kl, rewards=rewards))
         else:
