@@ -99,12 +99,9 @@ def measure_cpu_op_memory(case_name: str, provider: str, mode: str, *, timeout: 
     fresh Python process (`case_name`: a name in bench/_cases.py, or a JSON object of Case fields)."""
     from bench._environment import REPO_ROOT
 
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-            "from bench._memory import _child_main; _child_main(sys.argv[2:])")
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
-    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-c", code, REPO_ROOT, case_name, provider, mode],
+    proc = subprocess.run([sys.executable, "-m", "bench._memory", case_name, provider, mode],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -169,3 +166,7 @@ def measure_cuda_op_memory(step) -> dict:
     del out
     return dict(op_peak_bytes=peak - before, abs_peak_bytes=peak, allocated_before_bytes=before,
                 reserved_peak_bytes=reserved, peak_source="torch.cuda.max_memory_allocated")
+
+
+if __name__ == "__main__":  # python -m bench._memory CASE PROVIDER MODE: the child of measure_cpu_op_memory
+    _child_main(sys.argv[1:])

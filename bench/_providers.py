@@ -81,11 +81,11 @@ def rebel_loss_from_logprobs(logp, labels, old_logprobs, rewards, *, eta: float 
     return (err * err).mean()
 
 
-def naive_rebel_loss(hidden, weight, labels, old_logprobs, rewards, *, eta: float = 1.0,
-                     temperature: float = 1.0, ignore_index: int = IGNORE_INDEX):
-    """REBEL on naive_token_logprobs."""
+def naive_rebel_loss(hidden, weight, labels, old_logprobs, rewards, *, temperature: float = 1.0,
+                     ignore_index: int = IGNORE_INDEX):
+    """REBEL on naive_token_logprobs (eta = 1, fused_rebel_loss's default: see `provider_ops`)."""
     logp = naive_token_logprobs(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index)
-    return rebel_loss_from_logprobs(logp, labels, old_logprobs, rewards, eta=eta, ignore_index=ignore_index)
+    return rebel_loss_from_logprobs(logp, labels, old_logprobs, rewards, ignore_index=ignore_index)
 
 
 def _scaled(hidden, temperature: float):
@@ -178,10 +178,10 @@ def fused_ops():
 
 
 def _loss_on(logprobs_fn):
-    def loss_fn(hidden, weight, labels, old_logprobs, rewards, *, eta: float = 1.0, temperature: float = 1.0,
+    def loss_fn(hidden, weight, labels, old_logprobs, rewards, *, temperature: float = 1.0,
                 ignore_index: int = IGNORE_INDEX):
         logp = logprobs_fn(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index)
-        return rebel_loss_from_logprobs(logp, labels, old_logprobs, rewards, eta=eta, ignore_index=ignore_index)
+        return rebel_loss_from_logprobs(logp, labels, old_logprobs, rewards, ignore_index=ignore_index)
 
     loss_fn.__name__ = f"rebel_loss_on_{logprobs_fn.__name__}"
     return loss_fn
@@ -230,7 +230,8 @@ def provider_skip_reason(provider: str, device: str) -> str | None:
 
 def provider_ops(provider: str):
     """(token_logprobs_fn, rebel_loss_fn), both taking (hidden, weight, labels[, old, rewards],
-    *, temperature=...)."""
+    *, temperature=...). Every loss is REBEL's at eta = 1 (fused_rebel_loss's default): the step size
+    does not change what a provider costs, so the peers' losses take no eta."""
     if provider == "naive":
         return naive_token_logprobs, naive_rebel_loss
     if provider == "fused":

@@ -1,8 +1,8 @@
 """The paper's comparison (its Table 1 / Figure 5) on the built-in task: every algorithm through the
 same loop, fused op and generation, with the same budget of reward queries per iteration.
 
-    python bench/compare.py                      # writes runs/compare/{table.md, results.json, reward_vs_kl.png}
-    python bench/compare.py --run_dir out --iterations 50
+    python -m bench.compare                      # writes runs/compare/{table.md, results.json, reward_vs_kl.png}
+    python -m bench.compare --run_dir out --iterations 50
 
 Each algorithm gets 128 feedback queries per iteration: reward-model calls for the on-policy
 algorithms (RLOO with k = 4 gets 32 prompts, k = 2 algorithms 64), preference-model calls for REBEL
@@ -24,13 +24,10 @@ import subprocess
 import sys
 import time
 
-if __package__ in (None, ""):  # python bench/compare.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from bench._environment import REPO_ROOT, environment
 from engine import config as C
 
-TRAIN = os.path.join(REPO_ROOT, "engine", "train.py")  # the entry point each entry runs
+TRAIN = ("-m", "engine.train")  # the entry point each entry runs (from the repository root)
 QUERIES_PER_ITERATION = 128
 ENTRIES = ["default", "counting_reinforce", "counting_rloo2", "counting_rloo4", "counting_iterative_dpo",
            "counting_dpo", "counting_rebel_preference", "counting_lora"]
@@ -50,12 +47,14 @@ def overrides(preset: str, run_dir: str, iterations: int) -> list[tuple[str, str
 
 
 def run(preset: str, run_dir: str, iterations: int) -> tuple[C.TrainConfig, float]:
-    """One entry in its own process (python engine/train.py --preset P --key value ...), so that its
-    peak memory is its own; its config (the same overrides on the same preset) and wall time."""
+    """One entry in its own process (python -m engine.train --preset P --key value ..., run from the
+    repository root), so that its peak memory is its own; its config (the same overrides on the same
+    preset) and wall time."""
+    run_dir = os.path.abspath(run_dir)  # the child's working directory is the repository root
     pairs = overrides(preset, run_dir, iterations)
     argv = ["--preset", preset, *(arg for key, value in pairs for arg in (f"--{key}", value))]
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, TRAIN, *argv], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, *TRAIN, *argv], cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
     return C.apply_overrides(C.PRESETS[preset](), pairs), time.perf_counter() - t0
 
 

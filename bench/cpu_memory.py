@@ -3,19 +3,14 @@ linear_cross_entropy, each run in a fresh process (bench/_memory.py): peak RSS o
 from before the first call with the inputs allocated (the returned gradients included and reported
 apart), the second call timed. Writes the JSON that bench/results/*_loss-cpu-memory.json holds.
 
-    OMP_NUM_THREADS=1 python bench/cpu_memory.py --out bench/results/HOST_DATE_loss-cpu-memory.json
-    OMP_NUM_THREADS=1 python bench/cpu_memory.py --cases cpu_acceptance --runs 1 --out /tmp/m.json   # quicker
+    OMP_NUM_THREADS=1 python -m bench.cpu_memory --out bench/results/HOST_DATE_loss-cpu-memory.json
+    OMP_NUM_THREADS=1 python -m bench.cpu_memory --cases cpu_acceptance --runs 1 --out /tmp/m.json   # quicker
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
-
-if __package__ in (None, ""):  # python bench/cpu_memory.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._cases import CASES_BY_NAME
 from bench._environment import environment

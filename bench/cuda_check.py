@@ -1,15 +1,12 @@
 """One-shot CUDA check for the device machine: kernel correctness without the interpreter, a tile
 sweep, and fused-vs-naive time and memory at the Llama-3-8B head shape. Writes JSON to argv[1].
 
-    python bench/cuda_check.py $OUT/cuda_check.json
+    python -m bench.cuda_check $OUT/cuda_check.json
 """
 import dataclasses
 import json
 import os
 import sys
-
-if __package__ in (None, ""):  # python bench/cuda_check.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import triton
@@ -24,7 +21,20 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def batch(rows, t, h, v, dtype, frac=1.0, bias=False, seed=0):
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A batch of `rows` sequences of `t` positions through an LM head of hidden size `h`, vocabulary `v`."""
+
+    rows: int
+    t: int
+    h: int
+    v: int
+
+
+def batch(shape: Shape, dtype, *, frac=1.0, bias=False, seed=0):
+    """(hidden, weight, bias or None, labels, old log-probs, rewards) on CUDA: the first
+    round(t * (1 - frac)) positions of each row are ignored (-100)."""
+    rows, t, h, v = shape.rows, shape.t, shape.h, shape.v
     g = torch.Generator(device="cuda").manual_seed(seed)
     hid = (torch.randn(rows, t, h, device="cuda", generator=g) * 0.5).to(dtype).requires_grad_()
     w = (torch.randn(v, h, device="cuda", generator=g) / h**0.5).to(dtype).requires_grad_()
@@ -41,7 +51,7 @@ def correctness():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for rows, t, h, v, bias, temp in [(4, 37, 256, 5003, True, 0.7), (2, 1, 4096, 128256, False, 1.0),
                                           (6, 129, 512, 32000, True, 1.3)]:
-            hid, w, b, y, old, r = batch(rows, t, h, v, dtype, frac=0.6, bias=bias)
+            hid, w, b, y, old, r = batch(Shape(rows, t, h, v), dtype, frac=0.6, bias=bias)
             params = [hid, w] + ([b] if bias else [])
             loss = rk.fused_rebel_loss(hid, w, y, old, r, bias=b, temperature=temp, eta=0.5)
             grads = torch.autograd.grad(loss, params)
@@ -95,7 +105,7 @@ def measure(name, fn):
 def perf(n_tokens, frac, fwd_cfg=None, bwd_cfg=None, naive=True):
     h, v = 4096, 128256
     rows = 16
-    hid, w, _, y, old, r = batch(rows, n_tokens // rows, h, v, torch.bfloat16, frac=frac)
+    hid, w, _, y, old, r = batch(Shape(rows, n_tokens // rows, h, v), torch.bfloat16, frac=frac)
     n_valid = int((y != -100).sum())
     res = dict(n_tokens=n_tokens, frac=frac, n_valid=n_valid, h=h, v=v)
 
@@ -129,7 +139,7 @@ def perf(n_tokens, frac, fwd_cfg=None, bwd_cfg=None, naive=True):
 def sweep():
     out = []
     h, v, n = 4096, 128256, 8192
-    hid, w, _, y, old, r = batch(16, n // 16, h, v, torch.bfloat16)
+    hid, w, _, y, old, r = batch(Shape(16, n // 16, h, v), torch.bfloat16)
     y2 = y.reshape(-1)
     idx = torch.arange(n, device="cuda")
     pos = idx.clone()

@@ -5,7 +5,7 @@ pi_t folded) and with all three off ("ours-off"), one process at a time, one thr
 JSON object: per provider and seed the mean score, reward and KL over windows of 50 iterations, and the
 mean seconds per iteration.
 
-    OMP_NUM_THREADS=1 python bench/curve.py --seeds 0 1 2 [--out bench/results/HOST_DATE_default-curve.json]
+    OMP_NUM_THREADS=1 python -m bench.curve --seeds 0 1 2 [--out bench/results/HOST_DATE_default-curve.json]
 
 Both paths compute the same numbers up to float32 rounding; the runs part ways where a rounding flips a
 sampled token, so the comparison is against the spread over seeds, not run by run.
@@ -20,9 +20,6 @@ import subprocess
 import sys
 import tempfile
 
-if __package__ in (None, ""):  # python bench/curve.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from bench._environment import environment
 from bench._iteration import UNPACKED
 
@@ -33,7 +30,7 @@ WINDOW = 50
 
 def run(provider: str, seed: int, run_dir: str) -> list[dict]:
     """One default run; its metrics rows."""
-    args = [sys.executable, "engine/train.py", "--run_dir", run_dir, "--seed", str(seed), "--logging.progress",
+    args = [sys.executable, "-m", "engine.train", "--run_dir", run_dir, "--seed", str(seed), "--logging.progress",
             "false", "--logging.tensorboard", "false", "--logging.plots", "false", "--checkpoint.every", "0"]
     for key, value in PROVIDERS[provider]:
         args += [f"--{key}", value]

@@ -1,8 +1,8 @@
 """A performance model of the fused op: FLOPs, HBM bytes, atomic bytes and launches of each kernel at a
 shape, and the time it predicts on a device from datasheet peaks and one measured-efficiency factor.
 
-    python bench/perf_model.py                       # the table of the README (old vs new backward)
-    python bench/perf_model.py --tokens 16384 --model llama3_8b --device h100
+    python -m bench.perf_model                       # the table of the README (old vs new backward)
+    python -m bench.perf_model --tokens 16384 --model llama3_8b --device h100
 
 Each kernel's time is a roofline: max(FLOPs / (peak x efficiency), HBM bytes / bandwidth, atomic bytes /
 atomic throughput) plus its launches. `efficiency` is the fraction of the datasheet bf16 peak a large
@@ -27,11 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
-import sys
-
-if __package__ in (None, ""):  # python bench/perf_model.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rebel_kernels.logprobs import plan as plan_mod
 
@@ -123,10 +118,11 @@ def backward_atomic(n: int, h: int, v: int, dtype_bytes: int = 2, tiles: Tiles =
 
 
 def gemm_plan(n: int, h: int, v: int, dtype_bytes: int = 2, dz_budget: int = plan_mod.BUDGET_BYTES,
-              split: str = "auto", gather: bool = False, tiles: Tiles = SM90) -> plan_mod.GemmPlan:
-    """The op's own plan (rebel_kernels/logprobs/plan.py): token blocks x vocab chunks."""
-    return plan_mod.gemm_plan(n, v, h, dtype_bytes, gather=gather, block_m=tiles.block_m, block_n=tiles.block_n,
-                              budget=dz_budget, split=split)
+              split: str = "auto", tiles: Tiles = SM90) -> plan_mod.GemmPlan:
+    """The op's own plan (rebel_kernels/logprobs/plan.py): token blocks x vocab chunks, every row a
+    response token (no gather)."""
+    planner = plan_mod.Planner(block_m=tiles.block_m, block_n=tiles.block_n, budget=dz_budget)
+    return planner.plan(n, v, h, dtype_bytes, gather=False, split=split)
 
 
 def backward_gemm(n: int, h: int, v: int, dtype_bytes: int = 2, tiles: Tiles = SM90,

@@ -4,13 +4,13 @@
 one thread; each provider in a fresh process (bench/_iteration.py, case "cpu-prompt-heavy"), runs
 interleaved, the steady (last) iteration of each run, the median over runs. Prints one JSON object:
 
-    OMP_NUM_THREADS=1 python bench/prompt_heavy.py --runs 3 [--out bench/results/HOST_DATE_prompt-heavy.json]
+    OMP_NUM_THREADS=1 python -m bench.prompt_heavy --runs 3 [--out bench/results/HOST_DATE_prompt-heavy.json]
 
 per provider: iteration_s, the per-phase seconds, tokens_forwarded (token positions that go through
 the transformer body in every training pass of the iteration: log pi_t, log pi_ref and each epoch,
 padding included; ours only, counted by hooks on the built run) and peak_rss_gib. Providers: "ours"
 (the defaults: each prompt forwarded once per pass with both responses, padding-free packing by a
-token budget, log pi_t folded into the first epoch; engine/packing.py), "ours-off" (all three off:
+token budget, log pi_t folded into the first epoch; engine/model/packing.py), "ours-off" (all three off:
 every prompt forwarded once per response, rows left-padded, a separate no-grad log pi_t pass) and
 TRL's RLOOTrainer k = 2 ("trl-rloo", configured as the iteration suite does).
 """
@@ -18,12 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
-
-if __package__ in (None, ""):  # python bench/prompt_heavy.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import _iteration
 from bench._environment import environment

@@ -1,8 +1,8 @@
 """Markdown tables (and PNG plots) of the benchmark results.
 
-    python bench/report.py                      # every bench/results/*.json
-    python bench/report.py FILE.json [...]      # the given files
-    python bench/report.py --plots [FILE ...]   # + bench/results/plots/*.png (needs matplotlib)
+    python -m bench.report                      # every bench/results/*.json
+    python -m bench.report FILE.json [...]      # the given files
+    python -m bench.report --plots [FILE ...]   # + bench/results/plots/*.png (needs matplotlib)
 
 Loss suite, per row: provider, mode, shape (N positions, valid = response tokens), dtype, status,
 p20/p50/p80 ms, TFLOP/s at p50 over the rows the method computes (2NHV fwd, 8NHV fwd+bwd) and over

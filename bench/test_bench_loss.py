@@ -5,7 +5,7 @@ linear_cross_entropy, Liger-Kernel and Cut Cross-Entropy: time (pytest-benchmark
     REBEL_BENCH_MODELS=llama3_8b python -m pytest bench/ -q      # CUDA: one LM head's shapes only
     REBEL_BENCH_FULL=1 python -m pytest bench/ -q -m slow        # CPU acceptance shape
     REBEL_BENCH_SAVE=1 python -m pytest bench/                   # + bench/results/<device>_<date>_loss.json
-    python bench/report.py [--plots]                             # markdown tables (+ PNG plots)
+    python -m bench.report [--plots]                             # markdown tables (+ PNG plots)
 
 Each benchmark's numbers are in benchmark.extra_info (pytest-benchmark's own --benchmark-json
 carries them too) and in the rows the session saves.  See bench/_cases.py for the shapes,

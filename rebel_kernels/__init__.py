@@ -7,7 +7,9 @@ One folder per op, each layered kernel -> launcher -> registration -> public fun
   topk_topp/  sample_logits (the native extension rebel_kernels._C, or its PyTorch fallback)
 Shared: _validate.py (argument checks), _backend.py (backend choice, TRITON_INTERPRET), _tiles.py
 (Triton tiles), _alloc.py (output allocation), _triton_common.py (Triton helpers; imported only when
-a Triton kernel runs: `import rebel_kernels` does not need triton), reference.py (every op's spec).
+a Triton kernel runs: `import rebel_kernels` does not need triton), _torch_common.py (the PyTorch
+paths' helpers), _reference_common.py (the spec the ops share: reference_logits), reference.py
+(every op's spec). An op folder imports from these, never from another op folder.
 `positive_finite(name, value)` is the ops' own check of a finite, > 0 argument (temperature, eta),
 public for callers that validate the same arguments (engine/algorithms).
 """

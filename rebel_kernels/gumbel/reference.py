@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..logprobs.reference import reference_logits
+from .._reference_common import reference_logits
 
 
 def reference_gumbel_sample(logits: torch.Tensor, uniforms: torch.Tensor):

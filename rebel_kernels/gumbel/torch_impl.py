@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _alloc
-from ..logprobs.torch_impl import _logits_tile
+from .._torch_common import acc_dtype, logits_tile
 
 TORCH_ROW_CHUNK = 1024
 TORCH_VOCAB_CHUNK = 4096
@@ -21,10 +21,10 @@ def gumbel_sample_torch(hidden, weight, bias, temperature: float, generator: tor
                         add_noise: bool = True, logit_scale: float = 1.0, softcap: float | None = None):
     """The chunked PyTorch path. Returns (tokens int64 [R], logprobs [R]) (float32; float64 for
     float64 inputs), with logits z = softcap_fn(logit_scale * (hidden W^T + b)) / temperature
-    (`rebel_kernels.logprobs.torch_impl._logits_tile`). Uniforms come from `torch.rand(..., generator=generator)`, one
+    (`rebel_kernels._torch_common.logits_tile`). Uniforms come from `torch.rand(..., generator=generator)`, one
     [<= TORCH_ROW_CHUNK, <= TORCH_VOCAB_CHUNK] draw per chunk, rows outer, columns inner."""
     inv_temp = 1.0 / temperature
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(hidden)
     rows, vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     tokens = _alloc.empty((rows,), dtype=torch.int64, device=dev)
@@ -39,8 +39,8 @@ def gumbel_sample_torch(hidden, weight, bias, temperature: float, generator: tor
         s = torch.zeros((n,), dtype=acc, device=dev)
         for v0 in range(0, vocab, TORCH_VOCAB_CHUNK):
             bc = None if bias is None else bias[v0 : v0 + TORCH_VOCAB_CHUNK].to(acc)
-            z = _logits_tile(hc, weight[v0 : v0 + TORCH_VOCAB_CHUNK].to(acc), bc, inv_temp,
-                             logit_scale, softcap)  # [n, c]
+            z = logits_tile(hc, weight[v0 : v0 + TORCH_VOCAB_CHUNK].to(acc), bc, inv_temp,
+                            logit_scale, softcap)  # [n, c]
             score = z
             if add_noise:
                 u = torch.rand(z.shape, generator=generator, dtype=acc, device=dev)

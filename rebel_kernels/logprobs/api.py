@@ -106,7 +106,9 @@ def fused_rebel_loss(
     logp, _, _ = torch.ops.rebel_kernels.token_logprobs(
         hidden, weight, bias, labels, temperature, int(ignore_index), False, backend, logit_scale, softcap,
     )
-    return _pair_loss(logp, labels, old_logprobs, rewards, eta, int(ignore_index), reduction, backend)
+    per_pair, _ = torch.ops.rebel_kernels.pair_loss(logp, labels, old_logprobs, rewards, eta, int(ignore_index),
+                                                    backend)
+    return _reduce(per_pair, reduction)
 
 
 def rebel_loss_from_logprobs(
@@ -133,11 +135,13 @@ def rebel_loss_from_logprobs(
         raise ValueError(f"empty batch: labels has shape {tuple(labels.shape)}")
     eta = _validate.loss_inputs(logprobs[..., None], labels, old_logprobs, rewards, eta, reduction)
     backend = _backend.resolve(logprobs)
-    return _pair_loss(logprobs, labels, old_logprobs, rewards, eta, int(ignore_index), reduction, backend)
+    per_pair, _ = torch.ops.rebel_kernels.pair_loss(logprobs, labels, old_logprobs, rewards, eta,
+                                                    int(ignore_index), backend)
+    return _reduce(per_pair, reduction)
 
 
-def _pair_loss(logp, labels, old_logprobs, rewards, eta, ignore_index, reduction, backend):
-    per_pair, _ = torch.ops.rebel_kernels.pair_loss(logp, labels, old_logprobs, rewards, eta, ignore_index, backend)
+def _reduce(per_pair, reduction: str):
+    """The per-pair losses [B] under `reduction`: "none", "sum" or "mean"."""
     if reduction == "none":
         return per_pair
     return per_pair.sum() if reduction == "sum" else per_pair.mean()

@@ -56,40 +56,54 @@ def _per_column(tokens: int, elt: int, block_m: int) -> int:
     return tokens * elt + math.ceil(tokens / block_m) * 4
 
 
-def widest_chunk(tokens: int, v: int, h: int, elt: int, *, gather: bool, block_m: int = 128,
-                 block_n: int = 128, budget: int = BUDGET_BYTES) -> int:
-    """The widest vocab chunk (all of V, or a multiple of block_n) a token block of `tokens` rows
-    affords within `budget`; 0 when not even block_n columns fit."""
-    room = budget - _fixed_bytes(tokens, h, elt, gather)
-    cols = room // _per_column(tokens, elt, block_m) if room > 0 else 0
-    if cols >= v:
-        return v
-    return cols // block_n * block_n
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Planner:
+    """What the walk is cut to: tiles of block_m rows x block_n columns (the backward's TileConfig),
+    within `budget` bytes (see the module doc)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    budget: int = BUDGET_BYTES
+
+    def widest_chunk(self, tokens: int, v: int, h: int, elt: int, *, gather: bool) -> int:
+        """The widest vocab chunk (all of V, or a multiple of block_n) a token block of `tokens` rows
+        affords within the budget; 0 when not even block_n columns fit."""
+        room = self.budget - _fixed_bytes(tokens, h, elt, gather)
+        cols = room // _per_column(tokens, elt, self.block_m) if room > 0 else 0
+        if cols >= v:
+            return v
+        return cols // self.block_n * self.block_n
+
+    def plan(self, n: int, v: int, h: int, elt: int, *, gather: bool, split: str = "auto") -> GemmPlan:
+        """The plan for N compacted tokens, vocabulary V, hidden size H, element size `elt` of the
+        compute dtype. split: "auto" (least accumulator traffic), "tokens" (every chunk spans all of
+        V), "vocab" (one token block of all N rows). A budget too small for any chunk gets the floor:
+        blocks of block_m rows x chunks of block_n columns (the tests use that to walk many chunks)."""
+        if split not in ("auto", "tokens", "vocab"):
+            raise ValueError(f"split must be 'auto', 'tokens' or 'vocab', got {split!r}")
+        block_m = self.block_m
+        n = max(n, 1)
+        floor = GemmPlan(min(n, block_m), min(v, self.block_n))
+        if split == "vocab":
+            cols = self.widest_chunk(n, v, h, elt, gather=gather)
+            return GemmPlan(n, cols) if cols else GemmPlan(n, floor.vocab)
+        candidates, tokens = [], n
+        while True:
+            cols = self.widest_chunk(tokens, v, h, elt, gather=gather)
+            if cols and (split == "auto" or cols == v):
+                candidates.append(GemmPlan(tokens, cols))
+                if split == "tokens":
+                    break  # the largest token block that takes all of V
+            if tokens <= block_m:
+                break
+            tokens = max(block_m, math.ceil(tokens / 2 / block_m) * block_m)
+        if not candidates:
+            return GemmPlan(floor.tokens, v) if split == "tokens" else floor
+        return min(candidates, key=lambda p: (p.accumulator_bytes(n, v, h), -p.tokens))
 
 
-def gemm_plan(n: int, v: int, h: int, elt: int, *, gather: bool, block_m: int = 128, block_n: int = 128,
-              budget: int = BUDGET_BYTES, split: str = "auto") -> GemmPlan:
-    """The plan for N compacted tokens, vocabulary V, hidden size H, element size `elt` of the compute
-    dtype. split: "auto" (least accumulator traffic), "tokens" (every chunk spans all of V), "vocab"
-    (one token block of all N rows). A budget too small for any chunk gets the floor: blocks of
-    block_m rows x chunks of block_n columns (the tests use that to walk many chunks)."""
-    if split not in ("auto", "tokens", "vocab"):
-        raise ValueError(f"split must be 'auto', 'tokens' or 'vocab', got {split!r}")
-    n = max(n, 1)
-    floor = GemmPlan(min(n, block_m), min(v, block_n))
-    if split == "vocab":
-        cols = widest_chunk(n, v, h, elt, gather=gather, block_m=block_m, block_n=block_n, budget=budget)
-        return GemmPlan(n, cols) if cols else GemmPlan(n, floor.vocab)
-    candidates, tokens = [], n
-    while True:
-        cols = widest_chunk(tokens, v, h, elt, gather=gather, block_m=block_m, block_n=block_n, budget=budget)
-        if cols and (split == "auto" or cols == v):
-            candidates.append(GemmPlan(tokens, cols))
-            if split == "tokens":
-                break  # the largest token block that takes all of V
-        if tokens <= block_m:
-            break
-        tokens = max(block_m, math.ceil(tokens / 2 / block_m) * block_m)
-    if not candidates:
-        return GemmPlan(floor.tokens, v) if split == "tokens" else floor
-    return min(candidates, key=lambda p: (p.accumulator_bytes(n, v, h), -p.tokens))
+def gemm_plan(n: int, v: int, h: int, elt: int, *, gather: bool, budget: int = BUDGET_BYTES,
+              split: str = "auto") -> GemmPlan:
+    """`Planner.plan` with 128 x 128 tiles and `budget`: the plan for N compacted tokens, vocabulary
+    V, hidden size H, element size `elt` of the compute dtype (split: see `Planner.plan`)."""
+    return Planner(budget=budget).plan(n, v, h, elt, gather=gather, split=split)

@@ -14,35 +14,17 @@ from __future__ import annotations
 
 import torch
 
+from .._torch_common import acc_dtype, logits_tile
+
 TOKEN_CHUNK = 512
 VOCAB_CHUNK = 1024
-
-
-def _acc_dtype(h: torch.Tensor) -> torch.dtype:
-    return torch.float64 if h.dtype == torch.float64 else torch.float32
-
-
-def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, inv_temp: float,
-                 logit_scale: float = 1.0, softcap: float | None = None):
-    """z = softcap_fn(logit_scale * (h @ w.T + b)) / T in float32 (float64 for float64 inputs), a fresh
-    tensor transformed in place (softcap_fn(x) = softcap * tanh(x / softcap), the identity for None).
-    h [n, H], w [v, H] already in the accumulation dtype -> [n, v]."""
-    z = torch.mm(h, w.T)
-    if b is not None:
-        z.add_(b)
-    if softcap is not None:
-        return z.mul_(logit_scale / softcap).tanh_().mul_(softcap * inv_temp)
-    scale = logit_scale * inv_temp  # = inv_temp exactly at logit_scale = 1
-    if scale != 1.0:
-        z.mul_(scale)
-    return z
 
 
 def token_logprobs_fwd(h, w, b, labels, temperature: float, with_entropy: bool, *, logit_scale: float = 1.0,
                        softcap: float | None = None):
     """Compacted rows h [N, H] with labels [N] in [0, V) -> (logp [N], lse [N], entropy [N] or None)."""
     inv_temp = 1.0 / temperature
-    acc = _acc_dtype(h)
+    acc = acc_dtype(h)
     n, vocab = h.shape[0], w.shape[0]
     logp = torch.empty(n, dtype=acc, device=h.device)
     lse = torch.empty(n, dtype=acc, device=h.device)
@@ -55,7 +37,7 @@ def token_logprobs_fwd(h, w, b, labels, temperature: float, with_entropy: bool, 
         target = torch.zeros_like(m)
         for v0 in range(0, vocab, VOCAB_CHUNK):
             bv = None if b is None else b[v0 : v0 + VOCAB_CHUNK].to(acc)
-            z = _logits_tile(hc, w[v0 : v0 + VOCAB_CHUNK].to(acc), bv, inv_temp, logit_scale, softcap)
+            z = logits_tile(hc, w[v0 : v0 + VOCAB_CHUNK].to(acc), bv, inv_temp, logit_scale, softcap)
             local = yc - v0
             hit = (local >= 0) & (local < z.shape[1])
             target += torch.where(hit, z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
@@ -92,7 +74,7 @@ def token_logprobs_bwd(grad, h, w, b, labels, lse, temperature: float, need_dh: 
     chunks: the working memory stays one [TOKEN_CHUNK, VOCAB_CHUNK] tile.
     """
     inv_temp = 1.0 / temperature
-    acc = _acc_dtype(h)
+    acc = acc_dtype(h)
     n, vocab = h.shape[0], w.shape[0]
     chunk = VOCAB_CHUNK if softcap is None else max(1, VOCAB_CHUNK // 2)
     dh = torch.zeros(h.shape, dtype=acc, device=h.device) if need_dh else None
@@ -107,9 +89,9 @@ def token_logprobs_bwd(grad, h, w, b, labels, lse, temperature: float, need_dh: 
             bv = None if b is None else b[v0 : v0 + chunk].to(acc)
             slope = None
             if softcap is None:
-                dz = _logits_tile(hc, wv, bv, inv_temp, logit_scale)
+                dz = logits_tile(hc, wv, bv, inv_temp, logit_scale)
             else:
-                dz = _logits_tile(hc, wv, bv, 1.0).mul_(logit_scale / softcap).tanh_()  # tanh(u / cap)
+                dz = logits_tile(hc, wv, bv, 1.0).mul_(logit_scale / softcap).tanh_()  # tanh(u / cap)
                 slope = torch.mul(dz, dz).neg_().add_(1.0)  # 1 - tanh^2
                 dz.mul_(softcap * inv_temp)  # z
             dz.sub_(lc[:, None]).exp_().neg_()  # -p

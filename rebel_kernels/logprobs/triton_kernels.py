@@ -18,7 +18,7 @@ the batch around the row, since the vocabulary is split at fixed offsets):
      entropy lse - E_p[z], and writes every dense position (0 where the label is ignored).
 Backward, two designs, chosen by REBEL_KERNELS_BWD (read on every call):
   gemm (default): deterministic, no atomics.  The compacted tokens x vocabulary are walked in token
-     blocks x vocab chunks chosen by `plan.gemm_plan` (rebel_kernels/logprobs/plan.py: the least
+     blocks x vocab chunks chosen by `plan.Planner` (rebel_kernels/logprobs/plan.py: the least
      float32 accumulator traffic within `DZ_BUDGET_BYTES` of working memory; one token block and
      vocab chunks when N < V).  Per chunk: `_dz_kernel` recomputes the logits tiles from the
      forward's lse and writes dz (float32 in registers, rounded once to the compute dtype; float32
@@ -419,8 +419,8 @@ def _bwd_gemm(g, h2, weight, bias, y, idx, lse, temperature: float, dh, need_dw:
     if n == 0 or not (dh is not None or need_dw or need_db):
         return dw, db
     all_rows = n == h2.shape[0]  # then idx = arange(NT): h2 is the compacted hidden
-    walk = plan.gemm_plan(n, vocab, hdim, h2.element_size(), gather=not all_rows, block_m=cfg.block_m,
-                          block_n=cfg.block_n, budget=DZ_BUDGET_BYTES, split=CHUNKS)
+    planner = plan.Planner(block_m=cfg.block_m, block_n=cfg.block_n, budget=DZ_BUDGET_BYTES)
+    walk = planner.plan(n, vocab, hdim, h2.element_size(), gather=not all_rows, split=CHUNKS)
     launch = dict(
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, NEED_DB=need_db,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
