@@ -37,9 +37,6 @@ import sys
 import tempfile
 import time
 
-if __package__ in (None, ""):  # python bench/_iteration.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +135,7 @@ def _patched(module, **attrs):
             setattr(module, name, value)
 
 
-# "ours-off": the engine without prefix sharing, packing and folding (engine/packing.py): padded rows of
+# "ours-off": the engine without prefix sharing, packing and folding (engine/model/packing.py): padded rows of
 # train.micro_batch_prompts prompts, each prompt forwarded once per response, a separate log pi_t pass.
 UNPACKED = (("train.micro_batch_tokens", "0"), ("train.shared_prefix", "false"), ("train.fold_old_logprobs", "false"))
 
@@ -150,12 +147,12 @@ def run_ours_off(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
 
 
 def run_ours(case: IterCase, iterations: int, run_dir: str, provider: str = "ours") -> list[dict]:
-    """The engine's loop on the case's config (engine.build.build -> engine.loop.run); phases from the
+    """The engine's loop on the case's config (engine.build.build -> engine.loop.train); phases from the
     run's metrics.jsonl (PhaseTimer). The built run's checkpointer is swapped for one that writes nothing
     (Pythia-1.4B: about 22 GB of disk and time a checkpoint); precision is read off the built models."""
     from engine import loop
     from engine.build import build
-    from engine.metrics import read_metrics
+    from engine.runtime.metrics import read_metrics
 
     class NoCheckpoint:
         def save(self, *a, **kw):
@@ -165,7 +162,7 @@ def run_ours(case: IterCase, iterations: int, run_dir: str, provider: str = "our
     run = build(cfg)
     run.checkpointer = NoCheckpoint()
     forwarded = _count_forwarded_positions(run)
-    loop.run(run)
+    loop.train(run)
     reference = getattr(run.reference_lp, "lm", None)
     amp = run.precision.autocast_dtype
     autocast = f" ({str(amp).removeprefix('torch.')} autocast)" if amp is not None else ""
@@ -195,7 +192,7 @@ def _count_forwarded_positions(run) -> dict:
         if inside[0]:
             count[0] += (kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).numel()
 
-    from engine.rollout import PolicyLogprobs
+    from engine.model.logprobs import PolicyLogprobs
 
     modules = [run.policy_lp]
     if isinstance(run.reference_lp, PolicyLogprobs):  # LoRA's reference runs through policy_lp itself
@@ -220,7 +217,7 @@ def _count_forwarded_positions(run) -> dict:
 
 def _trl_reward(cfg, eos_id: int):
     """The task's reward with the engine's missing-EOS penalty, in TRL's reward-function signature."""
-    from engine.rewards import build_reward
+    from engine.data.rewards import build_reward
 
     default = cfg.data.prompts if cfg.data.prompts.startswith("builtin:") else None
     score = build_reward(cfg.reward, default=default, device=torch.device("cpu"))
@@ -312,14 +309,14 @@ def run_trl(case: IterCase, iterations: int, run_dir: str) -> list[dict]:
     from transformers import TrainerCallback
     from trl.trainer import rloo_trainer
 
-    from engine import data
-    from engine.tasks import BUILTIN_MODELS
+    from engine.data import prompts
+    from engine.data.tasks import BUILTIN_MODELS
 
     cfg = train_config(case, iterations, run_dir)
     make_tokenizer, make_model = BUILTIN_MODELS[cfg.model.policy.removeprefix("builtin:")]
     tokenizer = make_tokenizer()
     policy = make_model(tokenizer, seed=cfg.seed)
-    rows = data.load_rows(cfg.data)[: cfg.train.prompts_per_iteration * iterations]
+    rows = prompts.load_rows(cfg.data)[: cfg.train.prompts_per_iteration * iterations]
     dataset = datasets.Dataset.from_list([{"prompt": r[cfg.data.prompt_column]} for r in rows])
     clock = _Clock()
 

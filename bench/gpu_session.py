@@ -23,13 +23,13 @@ On the device (torch 2.11, no package index there): peers travel as wheels in .w
 Python 3.12 manylinux wheels, see the device tool's README), carried with the call:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; \\
-    PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 python3 bench/gpu_session.py --out $OUT
+    PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 python3 -m bench.gpu_session --out $OUT
 
 Peers that are missing are recorded as skipped with the reason, never replaced. Without the native
 extension built, sampling uses its PyTorch fallback (the engine's default REBEL presets sample through
 the Gumbel kernel from the hidden state anyway). Rehearse on CPU before a lend (tiny shapes, same code):
 
-    python bench/gpu_session.py --out /tmp/gpu_dry --dry-run
+    python -m bench.gpu_session --out /tmp/gpu_dry --dry-run
 """
 from __future__ import annotations
 
@@ -40,9 +40,6 @@ import os
 import subprocess
 import sys
 import time
-
-if __package__ in (None, ""):  # python bench/gpu_session.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
@@ -250,7 +247,8 @@ def _measure_loss(P, case, provider: str, mode: str, dev: torch.device, peak: fl
 
 def part_generate(rows: Rows, dry_run: bool) -> None:
     from bench.test_bench_generate import build_model
-    from engine.generate import Sampler, SamplingConfig
+    from engine.config import SamplingConfig
+    from engine.model.generate import Sampler
 
     dev = _device(dry_run)
     name, prompts, plen, new = ("tiny-llama", 4, 16, 8) if dry_run else ("pythia-1.4b", 64, 128, 53)
@@ -330,7 +328,7 @@ def run_all(out: str, dry_run: bool, only: list[str]) -> dict:
             if limit < 10:
                 summary["parts"][part] = {"status": "not run: no time left"}
                 continue
-            cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--out", out] + (["--dry-run"] * dry_run)
+            cmd = [sys.executable, "-m", "bench.gpu_session", "--part", part, "--out", out] + ["--dry-run"] * dry_run
             t0 = time.monotonic()
             log.write(f"=== {part} (limit {limit:.0f} s)\n")
             log.flush()

@@ -1,4 +1,4 @@
-"""engine/generate.py vs Hugging Face generate: tokens/s and decode-step memory bandwidth.
+"""engine/model/generate.py vs Hugging Face generate: tokens/s and decode-step memory bandwidth.
 
     python -m pytest bench/test_bench_generate.py -q                 # CPU: a tiny Llama, quick
     REBEL_BENCH_SAVE=1 python -m pytest bench/test_bench_generate.py # + bench/results/<device>_<date>_generate.json
@@ -19,7 +19,8 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from engine.generate import Sampler, SamplingConfig
+from engine.config import SamplingConfig
+from engine.model.generate import Sampler
 
 
 @dataclasses.dataclass(frozen=True)

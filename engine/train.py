@@ -6,10 +6,10 @@
 
 One iteration (engine/loop.py): refresh the generation copy -> generate k responses per prompt (k = 2
 for REBEL) -> cut at EOS, apply the missing-EOS penalty, score -> no-grad log pi_t and log pi_ref ->
-r = score - kl_coef * KL (engine/collect.py) -> num_epochs passes of minibatches of the algorithm's loss
-(engine/update.py) -> metrics -> checkpoint. REBEL from preferences asks a preference model instead of
-scoring; offline DPO trains on the dataset's chosen/rejected pairs (and samples only to monitor the
-policy); with LoRA, log pi_ref is the policy with its adapters disabled.
+r = score - kl_coef * KL (engine/iteration/collect.py) -> num_epochs passes of minibatches of the
+algorithm's loss (engine/iteration/update.py) -> metrics -> checkpoint. REBEL from preferences asks a
+preference model instead of scoring; offline DPO trains on the dataset's chosen/rejected pairs (and
+samples only to monitor the policy); with LoRA, log pi_ref is the policy with its adapters disabled.
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ if __package__ in (None, ""):  # `python engine/train.py` / `torchrun engine/tra
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import config as config_mod
-from engine import guard, loop
+from engine import loop
 from engine.build import ConfigChanged, build
-from engine.checkpoint import CheckpointError, NonFiniteWeights
+from engine.runtime import guard
+from engine.runtime.checkpoint import CheckpointError, NonFiniteWeights
 
 
 def parse_args(argv: list[str]) -> config_mod.TrainConfig:
@@ -65,7 +66,7 @@ def threads_per_process(requested: int | None = None) -> tuple[int, str]:
 
 def train(cfg: config_mod.TrainConfig) -> dict:
     """Build the run and train it; the last iteration's metrics."""
-    return loop.run(build(cfg))
+    return loop.train(build(cfg)).last
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,18 +95,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"engine/train.py: {err}", file=sys.stderr)
         sys.exit(1)
     try:
-        loop.run(run)
+        status = loop.train(run)
     except NonFiniteWeights as err:
         print(f"engine/train.py: {err}", file=sys.stderr)
         sys.exit(1)
     if main_process:
-        print(loop.summary(run), flush=True)
-    if run.interrupted:
-        print(f"engine/train.py: interrupted by signal {run.interrupted}; resume with the same command",
+        print(loop.summary(run, status), flush=True)
+    if status.interrupted:
+        print(f"engine/train.py: interrupted by signal {status.interrupted}; resume with the same command",
               file=sys.stderr)
-        sys.exit(128 + run.interrupted)
-    if run.failure:
-        print(f"engine/train.py: {run.failure}", file=sys.stderr)
+        sys.exit(128 + status.interrupted)
+    if status.failure:
+        print(f"engine/train.py: {status.failure}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -1,16 +1,12 @@
 """Test setup: without CUDA, Triton kernels run in the interpreter on CPU tensors, and tests marked
 `cuda` are deselected at collection (reported as "deselected", never as skips). Seeds: see `seed`."""
 import os
-import sys
 
 import torch
 
 if not torch.cuda.is_available():
     # Must be set before triton.jit decorates the kernels, i.e. before rebel_kernels is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-# The shared helpers (tests/_inputs.py) import as `_inputs`, whatever pytest's import mode.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest
 from _inputs import new_seed, seed_mode

@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from engine.algorithms import (
     DPO,
     RLOO,
-    AlgoBatch,
     IterativeDPO,
     Rebel,
     RebelPreference,
     Reinforce,
     anchor_preferences,
 )
+from engine.algorithms.inputs import AlgoBatch
 from rebel_kernels import fused_token_logprobs
 
 IGN = -100

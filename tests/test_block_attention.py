@@ -1,4 +1,4 @@
-"""Blockwise SDPA for packed micro-batches (engine/block_attention.py): the plan's per-group blocks apply
+"""Blockwise SDPA for packed micro-batches (engine/model/block_attention.py): the plan's per-group blocks apply
 exactly the packed tree mask; a tiny GQA Llama switched to it gives the dense-mask SDPA hidden states
 and gradients (1e-5, float32); activation checkpointing recomputes under the forward's plan; with no
 plan it is transformers' SDPA; the engine switches SDPA models to it."""
@@ -9,8 +9,9 @@ import pytest
 import torch
 import transformers as hf
 
-from engine import block_attention, packing, parallel
-from engine.rollout import PolicyLogprobs
+from engine.model import block_attention, forward, packing
+from engine.model.logprobs import PolicyLogprobs
+from engine.runtime import parallel
 
 IGNORE = packing.IGNORE
 
@@ -64,8 +65,8 @@ def _llama():
 def _hidden_and_grads(lm, layout, checkpointed=False):
     lm = copy.deepcopy(lm)
     if checkpointed:
-        parallel.apply_activation_checkpointing(lm)
-    hidden = packing.body(lm, layout, torch.float32)
+        parallel.apply_activation_checkpointing(lm, context_fn=forward.checkpoint_contexts)
+    hidden = forward.body(lm, layout, torch.float32)
     probe = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1))
     (hidden * probe).sum().backward()
     return hidden.detach(), {n.replace("._checkpoint_wrapped_module", ""): q.grad
@@ -107,14 +108,14 @@ def test_blockwise_eager_keeps_the_familys_soft_capped_attention():
     packed_lm = copy.deepcopy(lm)
     packed_lm.set_attn_implementation(block_attention.register("eager"))
     ids, mask, labels = _batch(6)
-    padded = PolicyLogprobs(lm)(ids, mask, labels, 1.0)
-    packed = PolicyLogprobs(packed_lm, packed=True, shared=True)(ids, mask, labels, 1.0, samples=2)
+    padded = PolicyLogprobs(lm, temperature=1.0)(ids, mask, labels)
+    packed = PolicyLogprobs(packed_lm, packed=True, shared=True, temperature=1.0)(ids, mask, labels, samples=2)
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
     uncapped = copy.deepcopy(packed_lm)
     uncapped.config.attn_logit_softcapping = None
     for layer in uncapped.model.layers:
         layer.self_attn.attn_logit_softcapping = None
-    other = PolicyLogprobs(uncapped, packed=True, shared=True)(ids, mask, labels, 1.0, samples=2)
+    other = PolicyLogprobs(uncapped, packed=True, shared=True, temperature=1.0)(ids, mask, labels, samples=2)
     assert (other - padded).abs().max() > 1e-3  # the cap matters here: the family's function ran
 
 
@@ -155,8 +156,8 @@ def test_packed_log_probs_and_gradients_equal_the_padded_ones(device, dtype, tol
     packed_lm = copy.deepcopy(lm)
     packed_lm.set_attn_implementation(block_attention.NAME)
     ids, mask, labels = (x.to(device) for x in _batch(5))
-    padded = PolicyLogprobs(lm)(ids, mask, labels, 0.7)
-    packed = PolicyLogprobs(packed_lm, packed=True, shared=True)(ids, mask, labels, 0.7, samples=2)
+    padded = PolicyLogprobs(lm, temperature=0.7)(ids, mask, labels)
+    packed = PolicyLogprobs(packed_lm, packed=True, shared=True, temperature=0.7)(ids, mask, labels, samples=2)
     torch.testing.assert_close(packed, padded, rtol=tolerance, atol=tolerance)
     padded.sum().backward()
     packed.sum().backward()

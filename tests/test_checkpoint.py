@@ -1,4 +1,5 @@
-"""engine/checkpoint.py: exact resume in one process and under 2-process FSDP2 (gloo), atomic layout, HF export."""
+"""engine/runtime/checkpoint.py: exact resume in one process and under 2-process FSDP2 (gloo), atomic layout,
+HF export."""
 import copy
 import os
 import random
@@ -12,7 +13,7 @@ import torch.multiprocessing as mp
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from engine.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
+from engine.runtime.checkpoint import Checkpointer, export_hf, rng_state, set_rng_state
 
 VOCAB = 97
 
@@ -306,7 +307,7 @@ def _flipped_bytes(path):
 
 @pytest.mark.parametrize("corrupt", [_truncate, _garbage_metadata, _missing_extra, _flipped_bytes])
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, corrupt, caplog):
-    from engine.checkpoint import MANIFEST, CheckpointError
+    from engine.runtime.checkpoint import MANIFEST, CheckpointError
 
     model = _llama(seed=0)
     optimizer, scheduler = _optim(model)
@@ -331,7 +332,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, corr
 
 
 def test_export_refuses_non_finite_weights(tmp_path):
-    from engine.checkpoint import NonFiniteWeights
+    from engine.runtime.checkpoint import NonFiniteWeights
 
     model = _llama(seed=0)
     with torch.no_grad():

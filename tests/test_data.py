@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from engine import data
 from engine.config import DataConfig
-from engine.tasks import char_tokenizer, counting_prompts, counting_reward
+from engine.data import prompts as data
+from engine.data.tasks import char_tokenizer, counting_prompts, counting_reward
 
 
 def test_datasets_directory_and_jsonl_give_the_same_prompts(tmp_path):

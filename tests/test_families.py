@@ -15,9 +15,11 @@ import torch
 import transformers as hf
 from _models import left_pad
 
-from engine.generate import Sampler, SamplingConfig
-from engine.head import Head, check_against_model
-from engine.rollout import IGNORE, PolicyLogprobs
+from engine.config import SamplingConfig
+from engine.model.generate import Sampler
+from engine.model.head import Head, check_against_model
+from engine.model.logprobs import PolicyLogprobs
+from engine.model.packing import IGNORE
 
 VOCAB, PAD, EOS = 128, 0, [3, 5]
 _LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -122,7 +124,7 @@ def test_training_logprobs_match_transformers(family, temperature):
     model = tiny(family)
     ids, mask, labels = response_batch()
     with torch.no_grad():
-        got = PolicyLogprobs(model)(ids, mask, labels, temperature)
+        got = PolicyLogprobs(model, temperature=temperature)(ids, mask, labels)
     torch.testing.assert_close(got, reference_logprobs(model, ids, mask, labels, temperature), rtol=1e-4, atol=1e-4)
 
 
@@ -279,7 +281,7 @@ def test_load_checks_the_head(family, tmp_path):
 
     from engine import build
     from engine import config as C
-    from engine.tasks import char_tokenizer
+    from engine.data.tasks import char_tokenizer
 
     tokenizer = char_tokenizer()
     torch.manual_seed(0)

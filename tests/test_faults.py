@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine import config as C
-from engine import rewards
+from engine.data import rewards
 
 
 def returns_strings(prompts, responses):
@@ -85,7 +85,7 @@ def test_configured_reward_function_is_named_by_its_import_path():
 def small_cfg(run_dir, **sections):
     import dataclasses
 
-    base = C.TrainConfig(run_dir=str(run_dir), train=C.TrainingConfig(prompts_per_iteration=8, micro_batch_prompts=4,
+    base = C.TrainConfig(run_dir=str(run_dir), train=C.IterationConfig(prompts_per_iteration=8, micro_batch_prompts=4,
                                                                       num_epochs=1),
                          optim=C.OptimConfig(iterations=1, lr=1e-3),
                          logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
@@ -148,7 +148,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def slow_reward(prompts, responses):
     """The built-in task's reward after a 2 s pause: an iteration long enough to signal inside."""
-    from engine.tasks import counting_reward
+    from engine.data.tasks import counting_reward
 
     time.sleep(2.0)
     return counting_reward(prompts, responses)
@@ -234,7 +234,7 @@ def warning_reward(prompts, responses):
     """The built-in task's reward, emitting a library-style deprecation warning on every call."""
     import warnings
 
-    from engine.tasks import counting_reward
+    from engine.data.tasks import counting_reward
 
     warnings.warn("some_library.old_api is deprecated", FutureWarning, stacklevel=2)
     return counting_reward(prompts, responses)
@@ -289,7 +289,7 @@ def test_a_second_run_in_the_same_directory_fails_fast_naming_the_holder(tmp_pat
     assert first.returncode == 143, out[-3000:]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert (tmp_path / "checkpoints" / f"step_{rows[-1]['iteration']:08d}").is_dir()
-    from engine.guard import RunLock  # released: a later run may take it
+    from engine.runtime.guard import RunLock  # released: a later run may take it
 
     RunLock.acquire(str(tmp_path)).release()
 

@@ -9,12 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from engine import config as C
-from engine import data, rewards, rollout
-from engine.build import build, build_feedback
-from engine.collect import collect, collect_preference_pairs, rollout_stats
-from engine.tasks import char_tokenizer, counting_preference, counting_preference_pairs, counting_reward
+from engine.build import build
+from engine.data import prompts as data
+from engine.data import rewards
+from engine.data.rewards import build_feedback
+from engine.data.tasks import char_tokenizer, counting_preference, counting_preference_pairs, counting_reward
+from engine.iteration import batch as rollout
+from engine.iteration.collect import collect, collect_preference_pairs, rollout_stats
+from engine.iteration.update import update
 from engine.train import train
-from engine.update import update
 from tests.test_train import _metrics, _plain_logprobs, _with
 
 # ----------------------------------------------------------------------------------------------
@@ -45,7 +48,7 @@ def test_response_columns_accept_text_and_chat_transcripts(tmp_path):
 
 def _dpo_cfg(tmp_path, **over):
     base = C.PRESETS["counting_dpo"]()
-    return dataclasses.replace(base, run_dir=str(tmp_path), train=C.TrainingConfig(prompts_per_iteration=8,
+    return dataclasses.replace(base, run_dir=str(tmp_path), train=C.IterationConfig(prompts_per_iteration=8,
                                                                                    micro_batch_prompts=3, num_epochs=1),
                                optim=C.OptimConfig(iterations=2, lr=1e-2),
                                logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
@@ -68,7 +71,7 @@ def test_preference_pairs_batch_and_the_dpo_step_match_plain_pytorch(tmp_path):
     torch.testing.assert_close(batch.ref_logprobs, _plain_logprobs(reference, batch, 1.0).detach(),
                                rtol=1e-5, atol=1e-5)
     # the loop's DPO loss (micro-batches of 3, 3, 2 prompts) is the plain formula on the whole batch
-    out, _ = update(_with(run, cfg), batch)
+    out = update(_with(run, cfg), batch).metrics
     plain = _plain_logprobs(reference, batch, 1.0).detach().sum(-1)  # policy == reference before the step
     seq_ref = batch.ref_logprobs.sum(-1)
     margin = 0.05 * ((plain[:b] - seq_ref[:b]) - (plain[b:] - seq_ref[b:]))
@@ -126,7 +129,7 @@ def test_eos_rule_for_preferences():
     p = torch.tensor([0.9, 0.9, 0.2, 0.7])
     fin = torch.tensor([True, False, True, False])
     anchor = torch.tensor([True, True, False, False])
-    assert rollout.apply_eos_rule(p, fin, anchor).tolist() == pytest.approx([0.9, 0.0, 1.0, 0.5])
+    assert rewards.apply_eos_rule(p, fin, anchor).tolist() == pytest.approx([0.9, 0.0, 1.0, 0.5])
 
 
 def test_builtin_preference_is_bradley_terry_on_the_reward():
@@ -177,7 +180,7 @@ def test_preference_model_is_skew_symmetric(tmp_path):
 
 def _preference_iteration(tmp_path):
     cfg = C.PRESETS["counting_rebel_preference"]()
-    cfg = dataclasses.replace(cfg, run_dir=str(tmp_path), train=C.TrainingConfig(prompts_per_iteration=8,
+    cfg = dataclasses.replace(cfg, run_dir=str(tmp_path), train=C.IterationConfig(prompts_per_iteration=8,
                                                                                   micro_batch_prompts=3, num_epochs=1),
                               optim=C.OptimConfig(iterations=2, lr=1e-2),
                               logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
@@ -194,13 +197,13 @@ def test_rebel_preference_batch_and_step_match_plain_pytorch(tmp_path):
     assert b == 8 and batch.labels.shape[0] == 24 and batch.anchor_preferences.shape == (16,)
     prompts, ys, anchors = batch.prompts[:b], batch.responses, batch.responses[2 * b:]
     want = counting_preference(prompts * 2, ys[: 2 * b], anchors * 2)
-    want = rollout.apply_eos_rule(want, batch.finished[: 2 * b], batch.finished[2 * b:].repeat(2))
+    want = rewards.apply_eos_rule(want, batch.finished[: 2 * b], batch.finished[2 * b:].repeat(2))
     torch.testing.assert_close(batch.anchor_preferences, want)
     assert "preference/mean" in stats and "score/mean" in stats  # the built-in reward monitors the task
     # the step skips the anchors' forward; its loss and gradients are REBEL's on (y, y') with
     # targets l(y, y'') - l(y', y'') = 2 (P(y > y'') - P(y' > y'')), plain PyTorch
     twin = [p.detach().clone() for p in policy.parameters()]
-    out, _ = update(_with(run, cfg), batch)
+    out = update(_with(run, cfg), batch).metrics
     grads = [p.grad.clone() for p in policy.parameters()]
     with torch.no_grad():
         for p, q in zip(policy.parameters(), twin):
@@ -222,7 +225,7 @@ def test_rebel_preference_batch_and_step_match_plain_pytorch(tmp_path):
 
 def test_rebel_preference_runs_in_the_loop(tmp_path):
     cfg = dataclasses.replace(C.PRESETS["counting_rebel_preference"](), run_dir=str(tmp_path),
-                              train=C.TrainingConfig(prompts_per_iteration=8, micro_batch_prompts=4),
+                              train=C.IterationConfig(prompts_per_iteration=8, micro_batch_prompts=4),
                               optim=C.OptimConfig(iterations=2),
                               logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
                               checkpoint=C.CheckpointConfig(every=0, export_hf=False))
@@ -239,7 +242,7 @@ def test_non_finite_preference_skips_the_update(tmp_path):
     cfg = dataclasses.replace(
         C.apply_overrides(C.PRESETS["counting_rebel_preference"](),
                           [("reward.preference_function", "test_feedback:nan_preference")]),
-        run_dir=str(tmp_path), train=C.TrainingConfig(prompts_per_iteration=4, micro_batch_prompts=4),
+        run_dir=str(tmp_path), train=C.IterationConfig(prompts_per_iteration=4, micro_batch_prompts=4),
         optim=C.OptimConfig(iterations=1), logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
         checkpoint=C.CheckpointConfig(every=0, export_hf=False))
     stats = train(cfg)

@@ -1,9 +1,10 @@
-"""engine/generate.py against Hugging Face generate, padding invariance, EOS handling."""
+"""engine/model/generate.py against Hugging Face generate, padding invariance, EOS handling."""
 import pytest
 import torch
 from _models import EOS_IDS, FAMILIES, PAD, left_pad, tiny_model
 
-from engine.generate import Sampler, SamplingConfig, eos_token_ids
+from engine.config import SamplingConfig
+from engine.model.generate import Sampler, eos_token_ids
 
 PROMPTS = [[1, 7, 8, 9, 10, 11, 12], [1, 20, 21], [1, 30, 31, 32, 33], [1, 40]]
 
@@ -109,7 +110,7 @@ def test_right_padded_prompts_are_rejected():
 def test_sampler_logprobs_equal_training_logprobs(family, temperature):
     """The generation/training gap is rounding only: the sampler's log-probabilities (Gumbel-max from
     the hidden state) equal the training forward's at the same temperature, and a seed repeats."""
-    from engine.rollout import PolicyLogprobs
+    from engine.model.logprobs import PolicyLogprobs
 
     model = tiny_model(family)
     ids, mask = left_pad(PROMPTS)
@@ -121,7 +122,7 @@ def test_sampler_logprobs_equal_training_logprobs(family, temperature):
     labels = torch.where(ro.response_mask, ro.response_ids, -100)
     full_mask = torch.cat([ro.prompt_mask, ro.response_mask.long()], 1)
     with torch.no_grad():
-        train_lp = PolicyLogprobs(model)(ro.sequences, full_mask, labels, temperature)
+        train_lp = PolicyLogprobs(model, temperature=temperature)(ro.sequences, full_mask, labels)
     valid = ro.response_mask
     torch.testing.assert_close(ro.logprobs[valid], train_lp[valid], rtol=1e-4, atol=1e-4)
     assert (ro.logprobs[~valid] == 0).all()

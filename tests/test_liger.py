@@ -1,4 +1,4 @@
-"""engine/liger.py: the choice of Liger-Kernel's patch and its arguments, against a fake liger_kernel
+"""engine/model/liger.py: the choice of Liger-Kernel's patch and its arguments, against a fake liger_kernel
 (neither liger-kernel nor a GPU is needed); one CUDA test runs the real library where it is installed."""
 import inspect
 import sys
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine import liger
+from engine.model import liger
 
 
 def _model(model_type: str) -> nn.Module:

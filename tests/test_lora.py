@@ -11,8 +11,8 @@ import torch
 
 from engine import config as C
 from engine.build import load_models
-from engine.lora import AdapterDisabled, adapter_disabled, add_lora
-from engine.rollout import PolicyLogprobs
+from engine.model.logprobs import PolicyLogprobs
+from engine.model.lora import AdapterDisabled, adapter_disabled, add_lora
 from engine.train import train
 from tests._models import FAMILIES, tiny_model
 from tests.test_train import REPO, _metrics, small_cfg
@@ -32,12 +32,12 @@ def _inputs(vocab, seed=0):
 
 def _train_adapters(lm, steps=3):
     """Move the adapters away from their zero init (lora_B = 0) with a few real optimizer steps."""
-    lp = PolicyLogprobs(lm)
+    lp = PolicyLogprobs(lm, temperature=1.0)
     opt = torch.optim.SGD([p for p in lm.parameters() if p.requires_grad], lr=0.5)
     ids, mask, labels = _inputs(lm.config.vocab_size, seed=1)
     for _ in range(steps):
         opt.zero_grad()
-        (-lp(ids, mask, labels, 1.0).sum()).backward()
+        (-lp(ids, mask, labels).sum()).backward()
         opt.step()
 
 
@@ -46,15 +46,15 @@ def test_disabled_adapter_reproduces_the_base_logprobs_exactly(family, save):
     base = tiny_model(family)
     ids, mask, labels = _inputs(base.config.vocab_size)
     with torch.no_grad():
-        expected = PolicyLogprobs(base)(ids, mask, labels, 0.7)
+        expected = PolicyLogprobs(base, temperature=0.7)(ids, mask, labels)
     policy = add_lora(copy.deepcopy(base), C.ModelConfig(lora_rank=4, lora_alpha=8.0, lora_modules_to_save=save))
     _train_adapters(policy)
-    policy_lp = PolicyLogprobs(policy)
+    policy_lp = PolicyLogprobs(policy, temperature=0.7)
     reference_lp = AdapterDisabled(policy_lp, policy)
     with torch.no_grad():
-        trained = policy_lp(ids, mask, labels, 0.7)
-        disabled = reference_lp(ids, mask, labels, 0.7)
-        again = policy_lp(ids, mask, labels, 0.7)
+        trained = policy_lp(ids, mask, labels)
+        disabled = reference_lp(ids, mask, labels)
+        again = policy_lp(ids, mask, labels)
     assert torch.equal(disabled, expected)  # bitwise: the base weights, adapters skipped
     assert (trained - expected).abs().max() > 1e-3  # the adapters did change the policy
     assert torch.equal(again, trained)  # and are back on afterwards
@@ -102,7 +102,7 @@ def test_lora_training_run_starts_at_zero_kl_and_exports_the_adapter(tmp_path):
 
     cfg = dataclasses.replace(C.PRESETS["counting_lora"](), run_dir=str(tmp_path / "run"),
                               optim=C.OptimConfig(iterations=3, lr=3e-3),
-                              train=C.TrainingConfig(prompts_per_iteration=8, micro_batch_prompts=4),
+                              train=C.IterationConfig(prompts_per_iteration=8, micro_batch_prompts=4),
                               logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
                               checkpoint=C.CheckpointConfig(every=0, export_hf=True))
     train(cfg)
@@ -116,15 +116,15 @@ def test_lora_training_run_starts_at_zero_kl_and_exports_the_adapter(tmp_path):
     loaded = PeftModel.from_pretrained(base, str(final)).eval()
     ids, mask, labels = _inputs(len(tok))
     with torch.no_grad():
-        via_peft = PolicyLogprobs(loaded.get_base_model())(ids, mask, labels, 1.0)
+        via_peft = PolicyLogprobs(loaded.get_base_model(), temperature=1.0)(ids, mask, labels)
         with loaded.disable_adapter():
-            via_base = PolicyLogprobs(loaded.get_base_model())(ids, mask, labels, 1.0)
+            via_base = PolicyLogprobs(loaded.get_base_model(), temperature=1.0)(ids, mask, labels)
     assert (via_peft - via_base).abs().max() > 1e-4  # the adapter holds the training
     # resuming is not needed: a fresh load of the same adapter gives the same numbers
     again = PeftModel.from_pretrained(load_models(dataclasses.replace(cfg, model=C.ModelConfig()),
                                                   torch.device("cpu"))[0], str(final)).eval()
     with torch.no_grad():
-        assert torch.equal(PolicyLogprobs(again.get_base_model())(ids, mask, labels, 1.0), via_peft)
+        assert torch.equal(PolicyLogprobs(again.get_base_model(), temperature=1.0)(ids, mask, labels), via_peft)
 
 
 def test_lora_under_torchrun_two_processes(tmp_path):

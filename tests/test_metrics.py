@@ -1,4 +1,4 @@
-"""engine.metrics: metrics.jsonl round trip and resume, TensorBoard, plots, progress bar, phase timer."""
+"""engine.runtime.metrics: metrics.jsonl round trip and resume, TensorBoard, plots, progress bar, phase timer."""
 import importlib.util
 import io
 import json
@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from engine.metrics import MetricsLogger, PhaseTimer, Progress, read_metrics
+from engine.runtime.metrics import MetricsLogger, PhaseTimer, Progress, read_metrics
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None

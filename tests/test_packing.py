@@ -1,9 +1,9 @@
-"""Shared-prefix, padding-free packing (engine/packing.py) gives the padded computation's numbers.
+"""Shared-prefix, padding-free packing (engine/model/packing.py) gives the padded computation's numbers.
 
 Proven here, in float32 with explicit tolerances (log-probs: |diff| <= 1e-5, plus 1e-6 * |log p| for the
 family models, whose log-probs reach -75; gradients: per parameter ||g - g_ref|| <= 1e-5 * ||g_ref|| + 1e-7,
 written `rel 1e-5` below):
-- every family of tests/test_families.py that `packing.incompatibility` accepts gives the same per-token
+- every family of tests/test_families.py that `forward.incompatibility` accepts gives the same per-token
   log-probs and the same gradients (REBEL loss, k = 2; a random linear functional, k = 4) packed with a
   shared prefix, packed unshared and padded; ALiBi / conv families are refused; a micro-batch longer than a
   sliding window falls back to the padded path (bitwise), one within the window takes the packed path;
@@ -24,11 +24,16 @@ from _models import left_pad
 from test_families import _HYBRID, _LLAMA, FAMILIES, PAD, PROMPTS, VOCAB, _ids, tiny
 from test_train import _with, small_cfg
 
-from engine import batching, block_attention, build, collect, packing
+from engine import build
 from engine import config as C
 from engine.algorithms import DPO, RLOO, RebelPreference
-from engine.rollout import IGNORE, PolicyLogprobs
-from engine.update import update
+from engine.iteration import collect, micro_batches
+from engine.iteration.batch import sequence_logprobs
+from engine.iteration.update import update
+from engine.model import attention as model_attention
+from engine.model import block_attention, forward, packing
+from engine.model.logprobs import PolicyLogprobs
+from engine.model.packing import IGNORE
 from rebel_kernels import rebel_loss_from_logprobs
 
 ATOL = 1e-5  # per-token log-probabilities, float32 (the issue's bound): |diff| <= 1e-5
@@ -70,7 +75,7 @@ def _objective(k, labels, seed=2):
 def _logp_and_grads(module, batch, k, objective):
     ids, mask, labels = batch
     params = [p for p in module.parameters() if p.requires_grad]
-    logp = module(ids, mask, labels, T, samples=k)
+    logp = module(ids, mask, labels, samples=k)
     grads = torch.autograd.grad(objective(logp), params, allow_unused=True)
     return logp.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
@@ -89,11 +94,11 @@ def packed_calls(monkeypatch):
     """Records the forwards that took the packed path and the kind of mask (or blockwise-SDPA plan) each one
     handed to the model."""
     calls = []
-    real_packed, real_mask = PolicyLogprobs._packed, packing.attention_mask
+    real_packed, real_mask = PolicyLogprobs._packed, forward.attention_mask
 
-    def spy_packed(self, layout, temperature):
+    def spy_packed(self, layout):
         calls.append("packed")
-        return real_packed(self, layout, temperature)
+        return real_packed(self, layout)
 
     def spy_mask(layout, implementation, dtype):
         mask = real_mask(layout, implementation, dtype)
@@ -106,7 +111,7 @@ def packed_calls(monkeypatch):
 
     real_plan = block_attention.plan
     monkeypatch.setattr(PolicyLogprobs, "_packed", spy_packed)
-    monkeypatch.setattr(packing, "attention_mask", spy_mask)
+    monkeypatch.setattr(forward, "attention_mask", spy_mask)
     monkeypatch.setattr(block_attention, "plan", spy_plan)
     return calls
 
@@ -120,10 +125,10 @@ def _three_ways(model, k, packed_calls):
     """(padded, shared, unshared) log-probs and gradients of one model on shared_batch(k)."""
     batch = shared_batch(k)
     objective = _objective(k, batch[2])
-    padded = _logp_and_grads(PolicyLogprobs(model), batch, k, objective)
+    padded = _logp_and_grads(PolicyLogprobs(model, temperature=T), batch, k, objective)
     assert not packed_calls
-    shared = _logp_and_grads(PolicyLogprobs(model, packed=True, shared=True), batch, k, objective)
-    unshared = _logp_and_grads(PolicyLogprobs(model, packed=True, shared=False), batch, k, objective)
+    shared = _logp_and_grads(PolicyLogprobs(model, packed=True, shared=True, temperature=T), batch, k, objective)
+    unshared = _logp_and_grads(PolicyLogprobs(model, packed=True, shared=False, temperature=T), batch, k, objective)
     return padded, shared, unshared
 
 
@@ -145,11 +150,11 @@ _engine_models: dict = {}
 
 
 def _as_built(model, key):
-    """A copy switched to the attention the engine trains with (build.set_attention, the family's default
-    implementation: SDPA families run blockwise SDPA, engine/block_attention.py, when packed)."""
+    """A copy switched to the attention the engine trains with (model_attention.set_attention, the family's default
+    implementation: SDPA families run blockwise SDPA, engine/model/block_attention.py, when packed)."""
     if key not in _engine_models:
         _engine_models[key] = copy.deepcopy(model)
-        build.set_attention(_engine_models[key], C.default())
+        model_attention.set_attention(_engine_models[key], C.default().model)
     return _engine_models[key]
 
 
@@ -161,7 +166,7 @@ def test_every_family_packed_shared_unshared_and_padded_agree(family, k, attenti
     window shorter than the batch's sequences: the packed module IS the padded one (bitwise). `loaded`:
     transformers' implementation with the packed mask; `engine`: as build switches it."""
     model = tiny(family) if attention == "loaded" else _as_built(tiny(family), family)
-    reason = packing.incompatibility(model)
+    reason = forward.incompatibility(model)
     if family in INCOMPATIBLE:
         assert reason is not None and INCOMPATIBLE[family] in reason, (family, reason)
         return
@@ -182,11 +187,11 @@ def test_every_family_packed_shared_unshared_and_padded_agree(family, k, attenti
 
 def test_the_window_fallback_is_announced_once(caplog):
     model = tiny("mistral_window_4")
-    module = PolicyLogprobs(model, packed=True, shared=True)
+    module = PolicyLogprobs(model, packed=True, shared=True, temperature=T)
     ids, mask, labels = shared_batch(2)
     with caplog.at_level(logging.INFO, logger="rebel"), torch.no_grad():
-        module(ids, mask, labels, T, samples=2)
-        module(ids, mask, labels, T, samples=2)
+        module(ids, mask, labels, samples=2)
+        module(ids, mask, labels, samples=2)
     notices = [r.getMessage() for r in caplog.records if "sliding window" in r.getMessage()]
     assert len(notices) == 1 and f"{LONGEST} tokens" in notices[0] and "(4)" in notices[0]
 
@@ -236,8 +241,8 @@ def test_sliding_window_longer_than_the_batch_takes_the_packed_path(family, k, a
     (SDPA -> blockwise SDPA)."""
     model = _wide("mistral", LONGEST) if family == "mistral_window_exact" else _wide(family)
     if attention == "engine":
-        build.set_attention(model, C.default())
-    assert packing.incompatibility(model) is None
+        model_attention.set_attention(model, C.default().model)
+    assert forward.incompatibility(model) is None
     packed_calls.clear()  # the probe's packed forward
     window = packing.sliding_window(model.config)
     assert (window is None) == (family == "llama_eager")
@@ -255,8 +260,8 @@ def test_one_token_past_the_window_falls_back(packed_calls):
     model = _wide("mistral", LONGEST - 1)
     ids, mask, labels = shared_batch(2)
     with torch.no_grad():
-        got = PolicyLogprobs(model, packed=True, shared=True)(ids, mask, labels, T, samples=2)
-        want = PolicyLogprobs(model)(ids, mask, labels, T, samples=2)
+        got = PolicyLogprobs(model, packed=True, shared=True, temperature=T)(ids, mask, labels, samples=2)
+        want = PolicyLogprobs(model, temperature=T)(ids, mask, labels, samples=2)
     assert not packed_calls and torch.equal(got, want)
 
 
@@ -306,8 +311,8 @@ def test_pack_lays_out_a_prompt_once_with_its_branches():
         [0, 0, 0, 0, 0, 0, 1, 1],  # 9
     ], dtype=torch.bool)
     assert torch.equal(layout.allowed(), expected)
-    assert torch.equal(packing.attention_mask(layout, "sdpa", torch.float32), expected[None, None])
-    additive = packing.attention_mask(layout, "eager", torch.float32)
+    assert torch.equal(forward.attention_mask(layout, "sdpa", torch.float32), expected[None, None])
+    additive = forward.attention_mask(layout, "eager", torch.float32)
     assert additive.dtype == torch.float32 and additive.shape == (1, 1, 8, 8)
     assert torch.equal(additive[0, 0] == 0, expected) and (additive[0, 0][~expected] == torch.finfo().min).all()
     # scatter: back to the [R, N] rows, zeros where nothing is scored (the empty row included)
@@ -389,8 +394,8 @@ def test_an_empty_response_row_and_a_one_token_response():
     model = tiny("llama")
     ids, mask, labels = _hand_built()
     with torch.no_grad():
-        got = PolicyLogprobs(model, packed=True, shared=True)(ids, mask, labels, T, samples=2)
-        want = PolicyLogprobs(model)(ids, mask, labels, T, samples=2)
+        got = PolicyLogprobs(model, packed=True, shared=True, temperature=T)(ids, mask, labels, samples=2)
+        want = PolicyLogprobs(model, temperature=T)(ids, mask, labels, samples=2)
     torch.testing.assert_close(got, want, **FAMILY_LP)
     assert (got[3] == 0).all() and (got[1, 1:] == 0).all() and (got[1, 0] < 0).all()
 
@@ -421,15 +426,21 @@ def _variant(run, **train):
     packed, shared = bool(cfg.train.micro_batch_tokens), cfg.train.shared_prefix
     policy_lp = copy.deepcopy(run.policy_lp)
     policy_lp.packed, policy_lp.shared = packed, shared
-    reference_lp = PolicyLogprobs(run.reference_lp.lm, packed=packed, shared=shared)
+    reference_lp = PolicyLogprobs(run.reference_lp.lm, temperature=run.reference_lp.temperature, packed=packed,
+                                  shared=shared)
     return _with(dataclasses.replace(run, cfg=cfg, policy_lp=policy_lp, reference_lp=reference_lp), cfg)
 
 
 def _step(run, batch):
     """One update (one epoch, one step); the gradients it accumulated, by name."""
-    metrics, done = update(run, batch)
+    updated = update(run, batch)
     grads = {n: p.grad.clone() for n, p in run.policy_lp.named_parameters() if p.requires_grad}
-    return metrics, done, grads
+    return updated.metrics, updated.batch, grads
+
+
+def _rewards(cfg, old, ref, scores):
+    """The KL and shaped rewards the algorithm derives from log pi_t, as collect and the folded update ask."""
+    return cfg.algorithm.rewards(old=old, ref=ref, scores=scores, preferences=None, kl_coef=cfg.reward.kl_coef)
 
 
 def _assert_same_step(got, want, what):
@@ -461,8 +472,8 @@ def test_rebel_step_packed_equals_padded(attention, tmp_path):
     batch, _ = collect.collect(off, off.order.take(8))
     valid = batch.labels != IGNORE
     assert batch.old_logprobs is not None and len(set(valid.sum(-1).tolist())) > 2  # various lengths
-    old = collect._logprobs(on, on.policy_lp, batch, collect._micro_batches(on, batch))
-    ref = collect._logprobs(on, on.reference_lp, batch, collect._micro_batches(on, batch))
+    old = sequence_logprobs(on.policy_lp, batch, collect._micro_batches(on, batch))
+    ref = sequence_logprobs(on.reference_lp, batch, collect._micro_batches(on, batch))
     torch.testing.assert_close(old, batch.old_logprobs, rtol=0, atol=ATOL)
     torch.testing.assert_close(ref, batch.ref_logprobs, rtol=0, atol=ATOL)
     assert (old[~valid] == 0).all()
@@ -479,13 +490,13 @@ def test_folded_old_logprobs_complete_the_batch(tmp_path):
     them, equal (1e-6) to the unfolded packed path's (and within 1e-5 of the padded path's), the first ratio
     is exactly 0 (loss/first = mean((r_i - r_{B+i})^2)) and the gradients are the unfolded step's."""
     run = build.build(_cfg(tmp_path / "on"))
-    assert batching.folds(run.cfg)
+    assert micro_batches.folds(run.cfg)
     batch, _ = collect.collect(run, run.order.take(8))
     assert batch.old_logprobs is None and batch.kl is None and batch.rewards is None
     assert batch.ref_logprobs is not None and batch.scores is not None
     # what an unfolded packed collect records
-    old = collect._logprobs(run, run.policy_lp, batch, collect._micro_batches(run, batch))
-    kl, rewards = collect.kl_and_rewards(run.cfg, old, batch.ref_logprobs, batch.scores)
+    old = sequence_logprobs(run.policy_lp, batch, collect._micro_batches(run, batch))
+    kl, rewards = _rewards(run.cfg, old, batch.ref_logprobs, batch.scores)
     unfolded = dataclasses.replace(batch, old_logprobs=old, kl=kl, rewards=rewards)
     metrics, done, grads = _step(_variant(run), batch)
     for name in ("old_logprobs", "kl", "rewards"):
@@ -494,7 +505,7 @@ def test_folded_old_logprobs_complete_the_batch(tmp_path):
     first = ((done.rewards[:b] - done.rewards[b:]) ** 2).mean().item()
     assert first > 0 and metrics["loss/first"] == pytest.approx(first, rel=1e-6)
     no_fold = _variant(run, fold_old_logprobs=False)
-    assert not batching.folds(no_fold.cfg)
+    assert not micro_batches.folds(no_fold.cfg)
     metrics_unfolded, same, want = _step(no_fold, unfolded)
     assert same is unfolded  # nothing to complete
     assert metrics["loss/first"] == pytest.approx(metrics_unfolded["loss/first"], rel=1e-6)
@@ -507,7 +518,7 @@ def test_folded_old_logprobs_complete_the_batch(tmp_path):
     assert two[0][0]["loss/last"] == pytest.approx(two[1][0]["loss/last"], rel=1e-5)
     _assert_same_step(two[0][2], two[1][2], "second epoch, folded vs unfolded")
     padded = _variant(run, **OFF)
-    padded_old = collect._logprobs(padded, padded.policy_lp, batch, collect._micro_batches(padded, batch))
+    padded_old = sequence_logprobs(padded.policy_lp, batch, collect._micro_batches(padded, batch))
     torch.testing.assert_close(done.old_logprobs, padded_old, rtol=0, atol=ATOL)
     _, _, padded_grads = _step(padded, dataclasses.replace(unfolded, old_logprobs=padded_old))
     _assert_same_step(grads, padded_grads, "folded packed vs padded")
@@ -528,23 +539,23 @@ def test_other_algorithms_packed_equal_padded(algorithm, tmp_path):
         batch, _ = collect.collect(off, chosen)
     assert batch.samples == algorithm.samples_per_prompt
     on = _variant(off, micro_batch_tokens=8192, shared_prefix=True, fold_old_logprobs=True)
-    assert batching.folds(on.cfg) == isinstance(algorithm, RLOO)
-    ref = collect._logprobs(on, on.reference_lp, batch, collect._micro_batches(on, batch))
+    assert micro_batches.folds(on.cfg) == isinstance(algorithm, RLOO)
+    ref = sequence_logprobs(on.reference_lp, batch, collect._micro_batches(on, batch))
     torch.testing.assert_close(ref, batch.ref_logprobs, rtol=0, atol=ATOL)
     _, _, want = _step(_variant(off), batch)
     if algorithm.offline:
         packed_batch = dataclasses.replace(batch, ref_logprobs=ref)
-    elif batching.folds(on.cfg):
+    elif micro_batches.folds(on.cfg):
         packed_batch = dataclasses.replace(_unfolded(batch), ref_logprobs=ref)
     else:  # what collect records on the packed run: log pi_t, the KL and the preference rewards
-        old = collect._logprobs(on, on.policy_lp, batch, collect._micro_batches(on, batch))
+        old = sequence_logprobs(on.policy_lp, batch, collect._micro_batches(on, batch))
         torch.testing.assert_close(old, batch.old_logprobs, rtol=0, atol=ATOL)
-        kl = collect.rollout.sequence_kl(old, ref)
-        rewards = collect._preference_rewards(batch.anchor_preferences, kl, on.cfg.reward.kl_coef)
+        kl, rewards = on.cfg.algorithm.rewards(old=old, ref=ref, scores=batch.scores,
+                                               preferences=batch.anchor_preferences, kl_coef=on.cfg.reward.kl_coef)
         packed_batch = dataclasses.replace(batch, old_logprobs=old, ref_logprobs=ref, kl=kl, rewards=rewards)
     _, done, got = _step(on, packed_batch)
     _assert_same_step(got, want, type(algorithm).__name__)
-    if batching.folds(on.cfg):
+    if micro_batches.folds(on.cfg):
         torch.testing.assert_close(done.old_logprobs, batch.old_logprobs, rtol=0, atol=ATOL)
         torch.testing.assert_close(done.rewards, batch.rewards, rtol=0, atol=ATOL)
 
@@ -560,7 +571,7 @@ def test_a_small_token_budget_splits_without_changing_the_step(tmp_path):
     for name, train in {"one": dict(micro_batch_tokens=10**6), "budget": dict(micro_batch_tokens=budget),
                         "single": dict(micro_batch_tokens=1), "padded": OFF}.items():
         variant = _variant(run, **train)
-        parts = batching.micro_batches(variant, batch, prompts)
+        parts = micro_batches.micro_batches(variant, batch, prompts)
         if name == "one":
             assert len(parts) == 1
         elif name == "budget":
@@ -569,8 +580,8 @@ def test_a_small_token_budget_splits_without_changing_the_step(tmp_path):
         elif name == "single":
             assert [p.tolist() for p in parts] == [[i] for i in range(batch.groups)]
         if name == "padded":  # the padded path records log pi_t in collect, as an unfolded run does
-            old = collect._logprobs(variant, variant.policy_lp, batch, collect._micro_batches(variant, batch))
-            kl, rewards = collect.kl_and_rewards(variant.cfg, old, batch.ref_logprobs, batch.scores)
+            old = sequence_logprobs(variant.policy_lp, batch, collect._micro_batches(variant, batch))
+            kl, rewards = _rewards(variant.cfg, old, batch.ref_logprobs, batch.scores)
             steps[name] = _step(variant, dataclasses.replace(batch, old_logprobs=old, kl=kl, rewards=rewards))
         else:
             steps[name] = _step(variant, batch)
@@ -594,7 +605,7 @@ def test_unshared_packing_respects_the_token_budget(tmp_path):
     prompts = torch.arange(batch.groups)
     per_prompt = [_packed_tokens(batch, p[None], shared=False) for p in prompts]
     budget = 2 * max(per_prompt)
-    parts = batching.micro_batches(_variant(run, micro_batch_tokens=budget, shared_prefix=False), batch, prompts)
+    parts = micro_batches.micro_batches(_variant(run, micro_batch_tokens=budget, shared_prefix=False), batch, prompts)
     assert torch.equal(torch.cat(parts), prompts)
     used = [_packed_tokens(batch, p, shared=False) for p in parts]
     assert all(n <= budget for n in used), f"budget {budget}, packed tokens per micro-batch {used}"
@@ -605,11 +616,11 @@ def test_unshared_packing_respects_the_token_budget(tmp_path):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_the_block_mask_is_the_dense_mask():
-    """packing.block_mask's mask_mod evaluates to Layout.allowed(), and torch's (unfused, eager) flex
+    """forward.block_mask's mask_mod evaluates to Layout.allowed(), and torch's (unfused, eager) flex
     attention under it gives SDPA's output under the boolean mask."""
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     for layout in (packing.pack(*_hand_built(), samples=2), packing.pack(*shared_batch(4), samples=4)):
-        block = packing.block_mask(layout)
+        block = forward.block_mask(layout)
         dense = flex.create_mask(block.mask_mod, None, None, layout.tokens, layout.tokens, device="cpu")
         assert torch.equal(dense[0, 0], layout.allowed())
         q, k, v = torch.randn(3, 1, 2, layout.tokens, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
@@ -639,14 +650,14 @@ def _flex_llama(monkeypatch):
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_packed_forward_equals_sdpa(monkeypatch, packed_calls):
     model, flexed = _flex_llama(monkeypatch)
-    assert packing.incompatibility(flexed) is None  # the probe runs the BlockMask
+    assert forward.incompatibility(flexed) is None  # the probe runs the BlockMask
     for k in (2, 4):
         batch = shared_batch(k)
         with torch.no_grad():
-            want = PolicyLogprobs(model, packed=True, shared=True)(*batch, T, samples=k)
-            padded = PolicyLogprobs(model)(*batch, T, samples=k)
+            want = PolicyLogprobs(model, packed=True, shared=True, temperature=T)(*batch, samples=k)
+            padded = PolicyLogprobs(model, temperature=T)(*batch, samples=k)
             packed_calls.clear()
-            got = PolicyLogprobs(flexed, packed=True, shared=True)(*batch, T, samples=k)
+            got = PolicyLogprobs(flexed, packed=True, shared=True, temperature=T)(*batch, samples=k)
         assert packed_calls == ["packed", "BlockMask"]
         torch.testing.assert_close(got, want, **FAMILY_LP)
         torch.testing.assert_close(got, padded, **FAMILY_LP)
@@ -661,11 +672,11 @@ def test_flex_attention_packed_gradients_equal_sdpa(monkeypatch, packed_calls, d
     batch = [x.to(device) for x in shared_batch(2)]
     objective = _objective(2, batch[2])
     try:
-        got = _logp_and_grads(PolicyLogprobs(flexed, packed=True, shared=True), batch, 2, objective)
+        got = _logp_and_grads(PolicyLogprobs(flexed, packed=True, shared=True, temperature=T), batch, 2, objective)
     except NotImplementedError as exc:
         if "backward on CPU" in str(exc):
             pytest.skip(f"torch {torch.__version__}: {exc}")
         raise
-    want = _logp_and_grads(PolicyLogprobs(model), batch, 2, objective)
+    want = _logp_and_grads(PolicyLogprobs(model, temperature=T), batch, 2, objective)
     torch.testing.assert_close(got[0], want[0], **FAMILY_LP)
     assert_grads_close(got[1], want[1], [n for n, _ in model.named_parameters()], "flex attention")

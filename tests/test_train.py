@@ -14,20 +14,22 @@ import pytest
 import torch
 
 from engine import config as C
-from engine import rollout
-from engine.batching import micro_batches
 from engine.build import build, make_optimizer
-from engine.collect import collect, rollout_stats
-from engine.tasks import char_tokenizer, counting_prompts, tiny_llama
+from engine.data.rewards import apply_eos_penalty
+from engine.data.tasks import char_tokenizer, counting_prompts, tiny_llama
+from engine.iteration import batch as rollout
+from engine.iteration.collect import collect, rollout_stats
+from engine.iteration.micro_batches import micro_batches
+from engine.iteration.update import update
+from engine.model.logprobs import PolicyLogprobs
 from engine.train import train
-from engine.update import update
 from rebel_kernels.reference import reference_rebel_loss_from_logprobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_cfg(run_dir, **sections) -> C.TrainConfig:
-    base = C.TrainConfig(run_dir=str(run_dir), train=C.TrainingConfig(prompts_per_iteration=8, micro_batch_prompts=4),
+    base = C.TrainConfig(run_dir=str(run_dir), train=C.IterationConfig(prompts_per_iteration=8, micro_batch_prompts=4),
                          optim=C.OptimConfig(iterations=2, lr=1e-3),
                          logging=C.LoggingConfig(tensorboard=False, plots=False, progress=False),
                          checkpoint=C.CheckpointConfig(every=1, keep=2, export_hf=True))
@@ -36,7 +38,7 @@ def small_cfg(run_dir, **sections) -> C.TrainConfig:
 
 def test_apply_eos_penalty_replaces_the_score():
     raw = torch.tensor([0.5, -0.2, 0.9])
-    out = rollout.apply_eos_penalty(raw, torch.tensor([True, False, False]), -1.0)
+    out = apply_eos_penalty(raw, torch.tensor([True, False, False]), -1.0)
     assert out.tolist() == [0.5, -1.0, -1.0]
 
 
@@ -90,7 +92,8 @@ def test_one_iteration_matches_plain_pytorch(tmp_path):
     assert stats["kl/mean"] == 0.0
     # one AdamW step on the whole batch equals the plain-PyTorch loss's step
     twin = copy.deepcopy(policy)
-    out, _ = update(_with(run, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_epochs=1))), batch)
+    one_epoch = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_epochs=1))
+    out = update(_with(run, one_epoch), batch).metrics
     ref_opt = torch.optim.AdamW(twin.parameters(), lr=cfg.optim.lr, eps=cfg.optim.adam_eps, weight_decay=0.0)
     loss = reference_rebel_loss_from_logprobs(_plain_logprobs(twin, batch, T), batch.labels, batch.old_logprobs,
                                               batch.rewards, eta=cfg.algorithm.eta)
@@ -123,7 +126,7 @@ def test_micro_batching_does_not_change_the_update(tmp_path, small, large):
         run_i.policy_lp.packed = run_i.policy_lp.shared = bool(overrides["micro_batch_tokens"])
         parts = micro_batches(run_i, batch, torch.arange(batch.groups))
         assert len(parts) > 1 if overrides is small else len(parts) <= 2
-        metrics.append(update(run_i, batch)[0])
+        metrics.append(update(run_i, batch).metrics)
         results.append([p.grad.clone() for p in run_i.policy_lp.parameters()])  # the step's accumulated gradient
     for a, b in zip(*results):
         assert (a - b).norm().item() <= 1e-5 * (b.norm().item() + 1e-12)
@@ -142,7 +145,7 @@ def test_loads_saved_models_jsonl_prompts_and_function_reward(tmp_path):
             f.write(json.dumps(row) + "\n")
     cfg = small_cfg(tmp_path / "run", model=C.ModelConfig(policy=str(tmp_path / "policy")),
                     data=C.DataConfig(prompts=str(tmp_path / "prompts.jsonl")),
-                    reward=C.RewardConfig(function="engine.tasks:counting_reward"))
+                    reward=C.RewardConfig(function="engine.data.tasks:counting_reward"))
     stats = train(cfg)
     assert set(stats) >= {"reward/mean", "kl/mean", "loss/first", "loss/last", "eos_rate"}
     from transformers import AutoModelForCausalLM
@@ -256,7 +259,7 @@ def test_reward_model_rescores_with_its_own_tokenizer(tmp_path):
     """A sequence-classification reward model saved locally, with a different tokenizer than the policy's."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from engine.rewards import RewardModel
+    from engine.data.rewards import RewardModel
 
     tok = char_tokenizer()
     tok.save_pretrained(tmp_path / "rm")
@@ -276,7 +279,7 @@ def test_reward_model_rescores_with_its_own_tokenizer(tmp_path):
 
 
 def test_top_layers_only_and_activation_checkpointing(tmp_path):
-    from engine import parallel
+    from engine.runtime import parallel
 
     policy = tiny_llama(char_tokenizer())
     parallel.train_only_top_layers(policy, 1)
@@ -312,8 +315,8 @@ def test_autocast_policy_logprobs_keep_float32_parameters():
     ids = torch.randint(3, 15, (4, 12), generator=g)
     mask = torch.ones_like(ids)
     labels = ids[:, 5:].clone()
-    exact = rollout.PolicyLogprobs(lm)(ids, mask, labels, 1.0).detach()
-    mixed = rollout.PolicyLogprobs(lm, autocast_dtype=torch.bfloat16)(ids, mask, labels, 1.0)
+    exact = PolicyLogprobs(lm, temperature=1.0)(ids, mask, labels).detach()
+    mixed = PolicyLogprobs(lm, autocast_dtype=torch.bfloat16, temperature=1.0)(ids, mask, labels)
     torch.testing.assert_close(mixed.float(), exact, rtol=0, atol=0.1)
     assert (mixed - exact).abs().max() > 0  # computed in bf16
     mixed.float().sum().backward()

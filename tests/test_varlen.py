@@ -1,4 +1,4 @@
-"""engine/varlen.py on CPU: flash-attn's varlen kernel replaced by an exact PyTorch emulation."""
+"""engine/model/varlen.py on CPU: flash-attn's varlen kernel replaced by an exact PyTorch emulation."""
 from __future__ import annotations
 
 import copy
@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine import packing, varlen
-from engine.packing import IGNORE
+from engine.model import forward, packing, varlen
+from engine.model.packing import IGNORE
 
 # ----------------------------------------------------------------------------------------------
 # the emulated kernel
@@ -176,12 +176,12 @@ def test_attention_refuses_misuse():
     kv = torch.randn(1, 2, layout.tokens, 8)
     with varlen.active(varlen.segments(layout)):
         with pytest.raises(ValueError, match="attention_mask=None"):
-            varlen.attention(_Attn(), q, kv, kv, packing.attention_mask(layout, "sdpa", torch.float32))
+            varlen.attention(_Attn(), q, kv, kv, forward.attention_mask(layout, "sdpa", torch.float32))
         with pytest.raises(ValueError, match="tokens"):
             varlen.attention(_Attn(), q[:, :, :-1], kv[:, :, :-1], kv[:, :, :-1], None)
     assert varlen.current() is None
     with pytest.raises(ValueError, match="no varlen plan"):
-        varlen.attention(_Attn(), q, kv, kv, packing.attention_mask(layout, "sdpa", torch.float32))
+        varlen.attention(_Attn(), q, kv, kv, forward.attention_mask(layout, "sdpa", torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def test_model_matches_the_sdpa_mask_path(k, dtype):
     model.set_attn_implementation(varlen.NAME)
     layout = random_layout(k, seed=11 + k)
     inputs = {"input_ids": layout.input_ids, "position_ids": layout.position_ids, "use_cache": False}
-    expected = reference.base_model(attention_mask=packing.attention_mask(layout, "sdpa", dtype),
+    expected = reference.base_model(attention_mask=forward.attention_mask(layout, "sdpa", dtype),
                                     **inputs).last_hidden_state
     with varlen.active(varlen.segments(layout)):
         hidden = model.base_model(attention_mask=None, **inputs).last_hidden_state

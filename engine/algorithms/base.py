@@ -1,15 +1,15 @@
-"""The common interface of the comparison algorithms, and the helpers they share.
+"""The common interface of the comparison algorithms, and how feedback becomes the rewards they regress on.
 
 An algorithm is a frozen dataclass with `samples_per_prompt` (k) and a method
 `loss(logprobs, batch) -> (loss, metrics)`:
 
 - `logprobs` [k*B, T]: the differentiable per-token log-probabilities of the responses under the
   policy being trained (`fused_token_logprobs`, exactly 0 at ignored positions). Rows are sample-major,
-  as `engine/generate.py` lays them out: row s*B + i is sample s of prompt i.
-- `batch`: an `AlgoBatch` with the non-differentiable inputs (labels, log pi_t, log pi_ref, the KL-shaped
-  rewards and the KL...). The training loop computes the shaped rewards once per iteration
-  (engine/collect.py) and passes them in; a batch built from raw `scores` shapes them itself, with
-  the same function.
+  as `engine/model/generate.py` lays them out: row s*B + i is sample s of prompt i.
+- `batch`: an `AlgoBatch` (engine/algorithms/inputs.py) with the non-differentiable inputs (labels,
+  log pi_t, log pi_ref, the KL-shaped rewards and the KL...). The training loop asks the algorithm for
+  the shaped rewards once per iteration (`Algorithm.rewards`) and passes them in; a batch built from raw
+  `scores` shapes them itself, with the same functions.
 - `loss`: a scalar, the **mean over the B prompts** of the per-prompt loss (each algorithm's docstring
   says what one prompt contributes). For gradient accumulation over micro-batches of prompts, scale it
   by (prompts in the micro-batch) / (prompts in the optimizer step).
@@ -17,70 +17,26 @@ An algorithm is a frozen dataclass with `samples_per_prompt` (k) and a method
 
 A sequence's log-probability is the sum of its valid tokens' log-probabilities (labels != ignore_index),
 as in REBEL (docs/design.md section 2). The KL penalty enters through the reward, at the sequence level:
-r = score - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)), detached (`engine.rollout.shape_rewards`).
+r = signal - kl_coef * (log pi_t(y|x) - log pi_ref(y|x)), detached, where the signal is the score after
+the missing-EOS penalty, or 2 P(y > y'') - 1 for REBEL from preferences (`shape_rewards`).
+
+The dataclasses load no torch (the config, engine/config/, constructs them): what here touches tensors
+uses tensor methods only, and the loss methods import torch, the kernels and `inputs` when they run.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import numbers
-from typing import ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+from .shaping import SCREENED, sequence_kl, shape_rewards
 
-from engine.rollout import shape_rewards
-from rebel_kernels import positive_finite
+if TYPE_CHECKING:
+    import torch
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AlgoBatch:
-    """Inputs of an algorithm's loss besides the policy's log-probabilities; kB rows, sample-major."""
-
-    labels: torch.Tensor  # [kB, T] int64, ignore_index after the first EOS / on padding
-    old_logprobs: torch.Tensor | None = None  # [kB, T] (or [kB] per sequence) log pi_t, no grad
-    ref_logprobs: torch.Tensor | None = None  # [kB, T] (or [kB] per sequence) log pi_ref, no grad
-    # REBEL from preferences: P(y_s > y'' | x) for the rows s*B + i, s in {0, 1}, against the anchor
-    # sample y'' (rows 2B..3B-1). See `rebel_preference.anchor_preferences`.
-    anchor_preferences: torch.Tensor | None = None  # [2B] in [0, 1]
-    # The KL-shaped reward and the KL, as the loop computes them once per iteration. Left None, they
-    # are derived here from `scores` (or `anchor_preferences`), log pi_t, log pi_ref and `kl_coef`.
-    rewards: torch.Tensor | None = None  # [kB] (REBEL from preferences: [2B], the trained samples)
-    kl: torch.Tensor | None = None  # [kB] log pi_t(y|x) - log pi_ref(y|x)
-    scores: torch.Tensor | None = None  # [kB] raw scores after the missing-EOS penalty (when rewards is None)
-    kl_coef: float = 0.0
-    ignore_index: int = -100
-
-    def __post_init__(self):
-        if isinstance(self.kl_coef, bool) or not isinstance(self.kl_coef, numbers.Real):
-            raise TypeError(f"kl_coef must be a real number, got {self.kl_coef!r}")
-        if not math.isfinite(self.kl_coef) or self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be finite and >= 0, got {self.kl_coef!r}")
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, numbers.Integral):
-            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
-        self._derive_rewards()
-
-    def _derive_rewards(self) -> None:
-        """kl and rewards from raw inputs when they were not passed (shapes that do not fit are left for
-        the loss's own checks to name)."""
-        per_row = (tuple(self.labels.shape), tuple(self.labels.shape[:1]))
-        if self.kl is None and all(isinstance(x, torch.Tensor) and tuple(x.shape) in per_row
-                                   for x in (self.old_logprobs, self.ref_logprobs)):
-            acc = torch.float64 if self.old_logprobs.dtype == torch.float64 else torch.float32
-            kl = (sequence_sum(self.old_logprobs, self.labels, self.ignore_index, acc)
-                  - sequence_sum(self.ref_logprobs, self.labels, self.ignore_index, acc))
-            object.__setattr__(self, "kl", kl.detach())
-        if self.rewards is not None or self.kl is None:
-            return
-        prefs = self.anchor_preferences
-        if isinstance(prefs, torch.Tensor) and prefs.dim() == 1 and prefs.shape[0] <= self.kl.shape[0]:
-            signal = 2 * prefs.detach().to(self.kl.dtype) - 1  # l(x, y_s, y''): REBEL from preferences
-            object.__setattr__(self, "rewards", shape_rewards(signal, self.kl[: signal.shape[0]], self.kl_coef))
-        elif isinstance(self.scores, torch.Tensor) and self.scores.shape == self.kl.shape:
-            object.__setattr__(self, "rewards", shape_rewards(self.scores.detach().to(self.kl.dtype), self.kl,
-                                                              self.kl_coef))
-
+    from .inputs import AlgoBatch
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Algorithm:
@@ -93,7 +49,8 @@ class Algorithm:
     - `needs_preferences`: reads `anchor_preferences` from a preference model instead of scores.
     """
 
-    samples_per_prompt: int = 2
+    samples_per_prompt: int = dataclasses.field(
+        default=2, metadata={"help": "responses per prompt the algorithm trains on (k)"})
     offline: ClassVar[bool] = False
     needs_preferences: ClassVar[bool] = False
 
@@ -108,12 +65,37 @@ class Algorithm:
         """Reward (or preference) model calls per prompt of an iteration's training batch."""
         return 0 if self.offline else self.samples_per_prompt
 
+    def reward_signal(self, scores: torch.Tensor | None, preferences: torch.Tensor | None,
+                      dtype: torch.dtype) -> torch.Tensor | None:
+        """What the algorithm regresses on before the KL penalty: the scores (None: nothing was scored)."""
+        return scores
+
+    def rewards(self, *, old: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor | None,
+                preferences: torch.Tensor | None, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sequence KL [kB] from per-token log pi_t and log pi_ref, and the KL-shaped reward of the
+        samples the signal covers (None when there is no signal)."""
+        kl = sequence_kl(old, ref)
+        signal = self.reward_signal(scores, preferences, kl.dtype)
+        return kl, None if signal is None else shape_rewards(signal, kl[: signal.shape[0]], kl_coef)
+
+    def non_finite(self, batch, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda flags: flags) -> list[str]:
+        """The names of the batch's screened quantities holding NaN/inf, in the order they arise (the first
+        is the cause of the others); empty when everything is finite. `reduce` combines the flags over
+        processes (a max or sum all-reduce: every rank then decides alike)."""
+        flags = batch.labels.new_zeros(len(SCREENED)).float()
+        for i, (field, _) in enumerate(SCREENED):
+            x = getattr(batch, field, None)
+            if x is not None:
+                flags[i] = (~x.isfinite()).any().float()
+        flags = reduce(flags).tolist()
+        return [name for (_, name), flag in zip(SCREENED, flags) if flag > 0]
+
     def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------------------------
-# checks
+# checks of the dataclasses' fields (no torch)
 # ----------------------------------------------------------------------------------------------
 def check_k(name: str, k, allowed: str, ok: bool) -> None:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
@@ -122,59 +104,11 @@ def check_k(name: str, k, allowed: str, ok: bool) -> None:
         raise ValueError(f"{name} needs samples_per_prompt {allowed}, got {k}")
 
 
-positive = positive_finite  # the op's own check: finite and > 0, naming the argument
-
-
-def check_inputs(logprobs: torch.Tensor, batch: AlgoBatch, k: int, needs: tuple[str, ...]) -> int:
-    """Shapes of logprobs and of the batch fields this algorithm needs. Returns B (prompts)."""
-    if not isinstance(logprobs, torch.Tensor) or logprobs.dtype not in _FLOATS:
-        raise TypeError(f"logprobs must be a floating torch.Tensor, got {getattr(logprobs, 'dtype', type(logprobs))}")
-    if not isinstance(batch, AlgoBatch):
-        raise TypeError(f"batch must be an AlgoBatch, got {type(batch).__name__}")
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs must be 2-D [k*B, T], got shape {tuple(logprobs.shape)}")
-    rows, t = logprobs.shape
-    if rows == 0 or rows % k:
-        raise ValueError(f"logprobs must have a positive multiple of samples_per_prompt={k} rows "
-                         f"(row s*B + i = sample s of prompt i), got {rows}")
-    if not isinstance(batch.labels, torch.Tensor) or tuple(batch.labels.shape) != (rows, t):
-        got = tuple(getattr(batch.labels, "shape", ()))
-        raise ValueError(f"labels must have logprobs' shape {(rows, t)}, got {got}")
-    if batch.labels.dtype != torch.int64:
-        raise TypeError(f"labels must be int64, got {batch.labels.dtype}")
-    for name in needs:
-        value = getattr(batch, name)
-        if value is None:
-            hint = " (pass them, or scores [kB] to shape them from)" if name == "rewards" else ""
-            raise ValueError(f"{name} is required by this algorithm but the batch has None{hint}")
-        if not isinstance(value, torch.Tensor) or value.dtype not in _FLOATS:
-            raise TypeError(f"{name} must be a floating torch.Tensor, got {type(value).__name__}")
-        pairs = 2 * rows // k
-        shapes = {"old_logprobs": ((rows, t), (rows,)), "ref_logprobs": ((rows, t), (rows,)), "kl": ((rows,),),
-                  "rewards": ((pairs,),) if batch.anchor_preferences is not None else ((rows,),),
-                  "anchor_preferences": ((pairs,),)}[name]
-        if tuple(value.shape) not in shapes:
-            raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {tuple(value.shape)}")
-        if value.device != logprobs.device:
-            raise ValueError(f"{name} is on {value.device} but logprobs is on {logprobs.device}")
-    return rows // k
-
-
-# ----------------------------------------------------------------------------------------------
-# shared math
-# ----------------------------------------------------------------------------------------------
-def sequence_sum(x: torch.Tensor, labels: torch.Tensor, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
-    """[R, T] per token -> [R], summed over valid tokens; a [R] per-sequence input passes through."""
-    if x.dim() == 1:
-        return x.to(dtype)
-    valid = labels != ignore_index
-    return torch.where(valid, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device)).sum(-1)
-
-
-def rewards_and_kl(batch: AlgoBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's KL-shaped rewards and KL [kB], detached, in the loss's accumulation dtype."""
-    return batch.rewards.detach().to(dtype), batch.kl.detach().to(dtype)
-
-
-def acc_dtype(logprobs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+def positive(name: str, value) -> float:
+    """`value` as a float if it is a real number, finite and > 0; else TypeError / ValueError naming `name`
+    (the same check and words as the op's own arguments)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return float(value)

@@ -8,18 +8,20 @@ Only `labels` and `ref_logprobs` of the batch are read.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-import torch.nn.functional as F
+from .base import Algorithm, check_k, positive
 
-from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, positive, sequence_sum
+if TYPE_CHECKING:
+    import torch
+
+    from .inputs import AlgoBatch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPO(Algorithm):
     samples_per_prompt: int = 2
-    beta: float = 0.05
+    beta: float = dataclasses.field(default=0.05, metadata={"help": "DPO's beta: the implicit reward's scale"})
     offline: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -27,6 +29,9 @@ class DPO(Algorithm):
         positive("beta", self.beta)
 
     def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        import torch.nn.functional as F
+
+        from .inputs import acc_dtype, check_inputs, sequence_sum
         b = check_inputs(logprobs, batch, 2, ("ref_logprobs",))
         acc = acc_dtype(logprobs)
         implicit = self.beta * (sequence_sum(logprobs, batch.labels, batch.ignore_index, acc)

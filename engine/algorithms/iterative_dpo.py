@@ -11,23 +11,30 @@ The mean runs over all B prompts, ties included as zeros.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+from .base import Algorithm, check_k, positive
 
-from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, positive, rewards_and_kl, sequence_sum
+if TYPE_CHECKING:
+    import torch
+
+    from .inputs import AlgoBatch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class IterativeDPO(Algorithm):
     samples_per_prompt: int = 2
-    beta: float = 0.05
+    beta: float = dataclasses.field(default=0.05, metadata={"help": "DPO's beta: the implicit reward's scale"})
 
     def __post_init__(self):
         check_k("IterativeDPO", self.samples_per_prompt, "== 2", self.samples_per_prompt == 2)
         positive("beta", self.beta)
 
     def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        import torch
+        import torch.nn.functional as F
+
+        from .inputs import acc_dtype, check_inputs, rewards_and_kl, sequence_sum
         b = check_inputs(logprobs, batch, 2, ("old_logprobs", "kl", "rewards"))
         acc = acc_dtype(logprobs)
         rho = (sequence_sum(logprobs, batch.labels, batch.ignore_index, acc)

@@ -8,24 +8,30 @@ through `rebel_kernels.rebel_loss_from_logprobs` (the same epilogue the training
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-import torch
+from .base import Algorithm, check_k, positive
 
-from rebel_kernels import rebel_loss_from_logprobs
+if TYPE_CHECKING:
+    import torch
 
-from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, positive, rewards_and_kl
+    from .inputs import AlgoBatch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Rebel(Algorithm):
     samples_per_prompt: int = 2
-    eta: float = 1.0
+    eta: float = dataclasses.field(default=1.0,
+                                   metadata={"help": "REBEL's eta: the log-ratio difference is divided by it"})
 
     def __post_init__(self):
         check_k("Rebel", self.samples_per_prompt, "== 2", self.samples_per_prompt == 2)
         positive("eta", self.eta)
 
     def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        from rebel_kernels import rebel_loss_from_logprobs
+
+        from .inputs import acc_dtype, check_inputs, rewards_and_kl
         check_inputs(logprobs, batch, 2, ("old_logprobs", "kl", "rewards"))
         rewards, kl = rewards_and_kl(batch, acc_dtype(logprobs))
         loss = rebel_loss_from_logprobs(logprobs, batch.labels, batch.old_logprobs, rewards, eta=self.eta,

@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+from .base import Algorithm, check_k, positive
+from .shaping import preference_signal
 
-from rebel_kernels import rebel_loss_from_logprobs
+if TYPE_CHECKING:
+    import torch
 
-from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, positive, rewards_and_kl
+    from .inputs import AlgoBatch
 
 # prefer(prompts, ys, ys2) -> [n] tensor of P(ys[j] > ys2[j] | prompts[j])
-PreferenceFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], torch.Tensor]
+PreferenceFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], "torch.Tensor"]
 
 
 def anchor_preferences(prefer: PreferenceFn, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
@@ -47,7 +49,8 @@ def anchor_preferences(prefer: PreferenceFn, prompts: Sequence[str], responses: 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RebelPreference(Algorithm):
     samples_per_prompt: int = 3
-    eta: float = 1.0
+    eta: float = dataclasses.field(default=1.0,
+                                   metadata={"help": "REBEL's eta: the log-ratio difference is divided by it"})
     needs_preferences: ClassVar[bool] = True
 
     @property
@@ -58,11 +61,19 @@ class RebelPreference(Algorithm):
     def trained_samples(self) -> int:
         return 2  # the anchor y'' only enters through the targets
 
+    def reward_signal(self, scores, preferences, dtype):
+        """l(x, y_s, y'') = 2 P(y_s > y'') - 1 of the two trained samples [2B] (the anchor only enters
+        through the targets); the scores, when a reward is configured too, only monitor."""
+        return None if preferences is None else preference_signal(preferences, dtype)
+
     def __post_init__(self):
         check_k("RebelPreference", self.samples_per_prompt, "== 3 (y, y', anchor y'')", self.samples_per_prompt == 3)
         positive("eta", self.eta)
 
     def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        from rebel_kernels import rebel_loss_from_logprobs
+
+        from .inputs import acc_dtype, check_inputs, rewards_and_kl
         b = check_inputs(logprobs, batch, 3, ("old_logprobs", "anchor_preferences", "kl", "rewards"))
         prefs = batch.anchor_preferences.detach()
         if not bool(((prefs >= 0) & (prefs <= 1)).all()):
@@ -71,7 +82,7 @@ class RebelPreference(Algorithm):
         acc, pair = acc_dtype(logprobs), slice(0, 2 * b)
         rewards, kl = rewards_and_kl(batch, acc)  # rewards [2B]: l(x, y_s, y'') - kl_coef * KL
         kl = kl[pair]
-        targets = 2 * prefs.to(acc) - 1  # l(x, y_s, y'')
+        targets = preference_signal(prefs, acc)  # l(x, y_s, y'')
         loss = rebel_loss_from_logprobs(logprobs[pair], batch.labels[pair], batch.old_logprobs[pair], rewards,
                                         eta=self.eta, ignore_index=batch.ignore_index, reduction="mean")
         return loss, {"loss": loss.detach(), "preference/mean": prefs.mean(), "kl/mean": kl.mean(),

@@ -8,10 +8,14 @@ No baseline: its gradient is the plain score-function estimate of grad E[r].
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-import torch
+from .base import Algorithm, check_k
 
-from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, rewards_and_kl, sequence_sum
+if TYPE_CHECKING:
+    import torch
+
+    from .inputs import AlgoBatch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -22,6 +26,7 @@ class Reinforce(Algorithm):
         check_k("Reinforce", self.samples_per_prompt, ">= 1", self.samples_per_prompt >= 1)
 
     def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        from .inputs import acc_dtype, check_inputs, rewards_and_kl, sequence_sum
         check_inputs(logprobs, batch, self.samples_per_prompt, ("kl", "rewards"))
         acc = acc_dtype(logprobs)
         seq = sequence_sum(logprobs, batch.labels, batch.ignore_index, acc)  # [kB]

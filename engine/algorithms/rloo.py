@@ -9,10 +9,14 @@ its first step (paper section 3.2), up to the factor 4/eta (see tests/test_algor
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-import torch
+from .base import Algorithm, check_k
 
-from .base import AlgoBatch, Algorithm, acc_dtype, check_inputs, check_k, rewards_and_kl, sequence_sum
+if TYPE_CHECKING:
+    import torch
+
+    from .inputs import AlgoBatch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -23,6 +27,7 @@ class RLOO(Algorithm):
         check_k("RLOO", self.samples_per_prompt, ">= 2", self.samples_per_prompt >= 2)
 
     def loss(self, logprobs: torch.Tensor, batch: AlgoBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        from .inputs import acc_dtype, check_inputs, rewards_and_kl, sequence_sum
         k = self.samples_per_prompt
         b = check_inputs(logprobs, batch, k, ("kl", "rewards"))
         acc = acc_dtype(logprobs)

@@ -10,7 +10,7 @@ import os
 import torch
 
 from engine.config import DataConfig
-from engine.tasks import BUILTIN_DATASETS
+from engine.data.tasks import BUILTIN_DATASETS
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,7 @@ For REBEL from preferences: a pairwise preference model or a function, (prompts,
 -> P(response > other | prompt)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import numbers
@@ -12,8 +13,8 @@ from typing import Protocol
 
 import torch
 
-from engine.config import RewardConfig
-from engine.tasks import BUILTIN_PREFERENCES, BUILTIN_REWARDS
+from engine.config import RewardConfig, TrainConfig
+from engine.data.tasks import BUILTIN_PREFERENCES, BUILTIN_REWARDS
 
 log = logging.getLogger("rebel")
 
@@ -128,6 +129,25 @@ def build_preference(cfg: RewardConfig, *, default: str | None, device, dtype=No
     raise ValueError("no preference model: set reward.preference_model or reward.preference_function")
 
 
+@dataclasses.dataclass(frozen=True)
+class Feedback:
+    """What scores the responses: a reward (None: none configured, allowed for offline DPO and REBEL
+    from preferences) and, for algorithms that need one, a preference model."""
+
+    reward: RewardFn | None
+    prefer: Callable | None = None
+
+
+def build_feedback(cfg: TrainConfig, device) -> Feedback:
+    """The reward and, for algorithms that read preferences, the preference model of a run."""
+    algo = cfg.algorithm
+    default = cfg.data.prompts if cfg.data.prompts.startswith("builtin:") else None
+    needs_reward = not (algo.offline or algo.needs_preferences)
+    reward = build_reward(cfg.reward, default=default, device=device, required=needs_reward)
+    prefer = build_preference(cfg.reward, default=default, device=device) if algo.needs_preferences else None
+    return Feedback(reward=reward, prefer=prefer)
+
+
 def function_name(fn) -> str:
     """How errors name a reward or preference: its `name`, else its import path 'module:qualname'."""
     name = getattr(fn, "name", None)
@@ -191,3 +211,17 @@ def preferences(prefer, prompts: list[str], responses: list[str], others: list[s
         raise ValueError(f"the preference model {function_name(prefer)} must return probabilities in [0, 1], got "
                          f"min {finite.min().item()} max {finite.max().item()}")
     return out
+def apply_eos_rule(prefs: torch.Tensor, finished: torch.Tensor, anchor_finished: torch.Tensor) -> torch.Tensor:
+    """The missing-EOS penalty for preferences: a response that never emitted EOS loses to a finished
+    one whatever the model says (P = 0, or 1 when only the other is cut), two cut responses tie (P = 1/2)."""
+    cut, anchor_cut = ~finished, ~anchor_finished
+    out = torch.where(cut & ~anchor_cut, torch.zeros_like(prefs), prefs)
+    out = torch.where(~cut & anchor_cut, torch.ones_like(prefs), out)
+    return torch.where(cut & anchor_cut, torch.full_like(prefs, 0.5), out)
+
+
+def apply_eos_penalty(raw: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:
+    """A response that never emitted EOS gets `penalty` instead of its score (replace, not subtract)."""
+    return torch.where(finished, raw, torch.full_like(raw, penalty))
+
+

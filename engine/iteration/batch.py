@@ -1,81 +1,16 @@
-"""From sampled responses to training batches: response rows and labels, the missing-EOS rules, the
-training forward (log-probabilities through the fused op), log pi_t - log pi_ref and the KL-shaped reward."""
+"""An iteration's batch: the responses as training rows (`Responses`), the same completed with everything
+the losses read (`Batch`), how the sampler's output, dataset responses and preference pairs become
+rows, and their per-token log-probabilities under a model by micro-batches."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import math
 
 import torch
-from torch import nn
 
-from engine import packing
-from engine.generate import Rollout
-from engine.head import Head
-from rebel_kernels import fused_token_logprobs
-
-IGNORE = packing.IGNORE
-log = logging.getLogger("rebel")
-
-
-class PolicyLogprobs(nn.Module):
-    """Wraps a Hugging Face causal LM: response token log-probabilities straight from the final hidden
-    states and the LM head (`engine/head.py`: weight, bias, logit scale, soft-cap) through
-    `fused_token_logprobs` (no logits). Under FSDP2 this wrapper is the
-    root module, so inside forward the LM head weight is the gathered tensor.
-
-    `packed` (set at build where `packing.incompatibility` found it exact): the rows go through the model as one
-    padding-free packed sequence (`engine/packing.py`), each prompt once with its `samples` responses
-    when `shared`; a micro-batch longer than the model's sliding window takes the padded path.
-
-    `autocast_dtype` (one unsharded process with a bf16 compute dtype; FSDP2's MixedPrecisionPolicy does
-    this for sharded runs): the forward runs under torch.autocast and the LM head enters the fused op in
-    the hidden states' dtype, while the parameters, their gradients and the optimizer stay float32."""
-
-    def __init__(self, lm: nn.Module, autocast_dtype: torch.dtype | None = None, *, packed: bool = False,
-                 shared: bool = False):
-        super().__init__()
-        self.lm = lm
-        self.autocast_dtype = autocast_dtype
-        self.packed, self.shared = packed, shared
-        self.window = packing.sliding_window(lm.config)
-        self.window_notice = False
-
-    def forward(self, input_ids, attention_mask, labels, temperature: float, samples: int = 1) -> torch.Tensor:
-        """input_ids/attention_mask [R, P + N] (prompt then response), labels [R, N] -> logp [R, N]. Rows
-        are sample-major with `samples` samples per prompt (row s * B + i is sample s of prompt i)."""
-        if self.packed:
-            layout = packing.pack(input_ids, attention_mask, labels, samples if self.shared else 1)
-            if packing.fits_window(layout, self.window):
-                return self._packed(layout, temperature)
-            if not self.window_notice:
-                log.info("packing: a micro-batch holds a sequence of %d tokens, longer than the sliding window (%d):"
-                         " such micro-batches take the padded path", layout.longest, self.window)
-                self.window_notice = True
-        return self._padded(input_ids, attention_mask, labels, temperature)
-
-    def _autocast(self, device: torch.device):
-        return (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                else contextlib.nullcontext())
-
-    def _padded(self, input_ids, attention_mask, labels, temperature):
-        with self._autocast(input_ids.device):
-            hidden = packing.padded_body(self.lm, input_ids, attention_mask, labels.shape[1])
-        return self._scored(hidden, labels, temperature)
-
-    def _packed(self, layout: packing.Layout, temperature):
-        dtype = self.autocast_dtype or self.lm.get_input_embeddings().weight.dtype
-        with self._autocast(layout.input_ids.device):
-            hidden = packing.body(self.lm, layout, dtype)
-        scored = self._scored(hidden[:, layout.source], layout.labels[None], temperature)  # [1, M]
-        return layout.scatter(scored[0])
-
-    def _scored(self, hidden, labels, temperature):
-        head = Head.from_model(self.lm)  # read here: under FSDP2 the gathered weight
-        if self.autocast_dtype:  # the op takes one dtype; the cast is differentiable (fp32 master grads)
-            hidden, head = hidden.to(self.autocast_dtype), head.to(self.autocast_dtype)
-        return fused_token_logprobs(hidden, head.weight, labels, temperature=temperature, **head.op_kwargs)
+from engine.model.generate import Rollout
+from engine.model.logprobs import PolicyLogprobs
+from engine.model.packing import IGNORE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +41,7 @@ class Responses:
 @dataclasses.dataclass(frozen=True)
 class Batch(Responses):
     """A complete training batch: the responses and everything the losses read, built once by
-    `engine/collect.py`. None where the algorithm's feedback does not produce it."""
+    `engine/iteration/collect.py`. None where the algorithm's feedback does not produce it."""
 
     old_logprobs: torch.Tensor | None = None  # [kB, N] log pi_t
     ref_logprobs: torch.Tensor | None = None  # [kB, N] log pi_ref
@@ -172,40 +107,13 @@ def preference_pairs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, chosen
                    response_mask=mask, logprobs=torch.zeros(ids.shape, device=ids.device), finished=finished)
 
 
-def apply_eos_rule(prefs: torch.Tensor, finished: torch.Tensor, anchor_finished: torch.Tensor) -> torch.Tensor:
-    """The missing-EOS penalty for preferences: a response that never emitted EOS loses to a finished
-    one whatever the model says (P = 0, or 1 when only the other is cut), two cut responses tie (P = 1/2)."""
-    cut, anchor_cut = ~finished, ~anchor_finished
-    out = torch.where(cut & ~anchor_cut, torch.zeros_like(prefs), prefs)
-    out = torch.where(~cut & anchor_cut, torch.ones_like(prefs), out)
-    return torch.where(cut & anchor_cut, torch.full_like(prefs, 0.5), out)
-
-
-def apply_eos_penalty(raw: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:
-    """A response that never emitted EOS gets `penalty` instead of its score (replace, not subtract)."""
-    return torch.where(finished, raw, torch.full_like(raw, penalty))
-
-
 @torch.no_grad()
-def sequence_logprobs(model: PolicyLogprobs, batch: Responses, micro_batches: list[torch.Tensor], *,
-                      temperature: float) -> torch.Tensor:
+def sequence_logprobs(model: PolicyLogprobs, batch: Responses, micro_batches: list[torch.Tensor]) -> torch.Tensor:
     """Per-token log-probabilities [kB, N] of the batch's responses, by micro-batches of prompt indices
     (the first training epoch walks the same micro-batches, so its ratio starts at exactly 0)."""
     out = torch.zeros(batch.labels.shape, dtype=torch.float32, device=batch.labels.device)
     for prompt_ids in micro_batches:
         rows = batch.rows(prompt_ids)
-        out[rows] = model(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows], temperature,
+        out[rows] = model(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows],
                           samples=batch.samples).float()
     return out
-
-
-def sequence_kl(old: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """log pi_t(y|x) - log pi_ref(y|x) per sequence [R] (ignored positions hold exact zeros)."""
-    return old.sum(-1) - ref.sum(-1)
-
-
-def shape_rewards(signal: torch.Tensor, kl: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """The one place the KL penalty enters: r = signal - kl_coef * (log pi_t - log pi_ref), sequence
-    level. `signal` is the score after the missing-EOS penalty, or for REBEL from preferences the
-    skew-symmetric target l = 2 P(y > y'') - 1."""
-    return signal - kl_coef * kl

@@ -1,7 +1,7 @@
 """Collection: this rank's prompts of an iteration -> a complete training batch and the rollout metrics.
 
     generate k responses per prompt -> cut at EOS -> score (missing-EOS penalty) or ask the preference
-    model -> no-grad log pi_t and log pi_ref (the fused op) -> KL -> shaped reward (once, here)
+    model -> no-grad log pi_t and log pi_ref (the fused op) -> the algorithm's KL and shaped reward (once)
 
 On-policy algorithms train on what they sample; offline ones (DPO) train on the dataset's chosen /
 rejected pairs and sample only to monitor the policy when a reward is configured.
@@ -11,15 +11,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
-from engine import batching, data, parallel, rewards, rollout
-from engine.algorithms import anchor_preferences
+from engine.algorithms import anchor_preferences, shape_rewards
+from engine.data import rewards
+from engine.data.prompts import left_pad
+from engine.runtime import parallel
 
-if TYPE_CHECKING:
-    from engine.build import Run
+from .batch import IGNORE, Batch, Responses, from_rollout, preference_pairs, sequence_logprobs, with_offline_partners
+from .micro_batches import folds, micro_batches
+from .run import Run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +30,8 @@ class Collected:
     the update), the sampled batch the rollout metrics describe when it is another one (offline
     algorithms sample only to monitor), and the generation's seconds (None: nothing was sampled)."""
 
-    batch: rollout.Batch
-    monitor: rollout.Batch | None
+    batch: Batch
+    monitor: Batch | None
     generate_s: float | None
 
 
@@ -44,11 +46,11 @@ def iteration_batch(run: Run) -> Collected:
     return Collected(batch=collect_preference_pairs(run, chosen), monitor=monitor, generate_s=gen_s)
 
 
-def collect(run: Run, chosen: list[int]) -> tuple[rollout.Batch, float]:
+def collect(run: Run, chosen: list[int]) -> tuple[Batch, float]:
     """Generate, score and compute log pi_ref and (unless folded) log pi_t for the prompts `chosen`
     (indices into the set); returns the batch and the generation's seconds."""
     cfg, d, tok, prompt_set = run.cfg, run.dist, run.tokenizer, run.prompts
-    ids, mask = data.left_pad([prompt_set.prompt_ids[i] for i in chosen], tok.pad_token_id, d.device)
+    ids, mask = left_pad([prompt_set.prompt_ids[i] for i in chosen], tok.pad_token_id, d.device)
     hybrid = prompt_set.partners is not None  # y' from the dataset: sample one response per prompt
     gen_cfg = dataclasses.replace(cfg.generation, samples_per_prompt=1) if hybrid else cfg.generation
     with run.timer("generate"):
@@ -58,68 +60,50 @@ def collect(run: Run, chosen: list[int]) -> tuple[rollout.Batch, float]:
     sampled = None
     if hybrid:
         partners = [prompt_set.partners[i] for i in chosen]
-        ro = rollout.with_offline_partners(ro, partners, tok, run.sampler.eos_ids.tolist())
+        ro = with_offline_partners(ro, partners, tok, run.sampler.eos_ids.tolist())
         sampled = torch.arange(2 * len(chosen), device=ro.finished.device) < len(chosen)
     k = cfg.generation.samples_per_prompt
-    responses = rollout.from_rollout(ro, [prompt_set.prompts[i] for i in chosen] * k, tok, samples=k, sampled=sampled)
+    responses = from_rollout(ro, [prompt_set.prompts[i] for i in chosen] * k, tok, samples=k, sampled=sampled)
     scores = prefs = None
     with run.timer("score"):
         if run.feedback.reward is not None:
             raw = rewards.score(run.feedback.reward, responses.prompts, responses.responses, d.device)
-            scores = rollout.apply_eos_penalty(raw, responses.finished, cfg.reward.missing_eos_penalty)
+            scores = rewards.apply_eos_penalty(raw, responses.finished, cfg.reward.missing_eos_penalty)
         if run.feedback.prefer is not None:
             prefs = _anchor_preferences(run.feedback.prefer, responses, d.device)
     with run.timer("logprobs"):
         parts = _micro_batches(run, responses)  # one cut for both passes (and the first epoch's)
-        ref = _logprobs(run, run.reference_lp, responses, parts)
-        old = None if batching.folds(cfg) else _logprobs(run, run.policy_lp, responses, parts)  # folded: the update's
-    kl = rewards_ = None
+        ref = sequence_logprobs(run.reference_lp, responses, parts)
+        old = None if folds(cfg) else sequence_logprobs(run.policy_lp, responses, parts)  # folded: the update's
+    kl = shaped = None
     if old is not None:
-        kl, rewards_ = kl_and_rewards(cfg, old, ref, scores)
-        if prefs is not None:
-            rewards_ = _preference_rewards(prefs, kl, cfg.reward.kl_coef)
-    batch = rollout.Batch.of(responses, old_logprobs=old, ref_logprobs=ref, kl=kl, scores=scores,
-                             anchor_preferences=prefs, rewards=rewards_)
+        kl, shaped = cfg.algorithm.rewards(old=old, ref=ref, scores=scores, preferences=prefs,
+                                           kl_coef=cfg.reward.kl_coef)
+    batch = Batch.of(responses, old_logprobs=old, ref_logprobs=ref, kl=kl, scores=scores, anchor_preferences=prefs,
+                     rewards=shaped)
     return batch, gen_s
 
 
-def kl_and_rewards(cfg, old: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor | None):
-    """The sequence KL [kB] and, when the responses were scored, the KL-shaped reward [kB] (else None)."""
-    kl = rollout.sequence_kl(old, ref)
-    return kl, None if scores is None else rollout.shape_rewards(scores, kl, cfg.reward.kl_coef)
-
-
-def _micro_batches(run: Run, responses: rollout.Responses) -> list[torch.Tensor]:
+def _micro_batches(run: Run, responses: Responses) -> list[torch.Tensor]:
     """The update's first-epoch micro-batches of the responses' prompts, in order."""
-    return batching.micro_batches(run, responses, torch.arange(responses.groups, device=responses.labels.device))
+    return micro_batches(run, responses, torch.arange(responses.groups, device=responses.labels.device))
 
 
-def _logprobs(run: Run, model, responses: rollout.Responses, parts: list[torch.Tensor]) -> torch.Tensor:
-    """Per-token log-probabilities of the responses under `model`, by the micro-batches `parts`."""
-    return rollout.sequence_logprobs(model, responses, parts, temperature=run.cfg.generation.temperature)
-
-
-def _preference_rewards(prefs: torch.Tensor, kl: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """REBEL from preferences: r = (2 P(y_s > y'') - 1) - kl_coef * KL on the two trained samples [2B]
-    (the anchor only enters through the targets)."""
-    return rollout.shape_rewards(2 * prefs.float() - 1, kl[: prefs.shape[0]], kl_coef)
-
-
-def _anchor_preferences(prefer, batch: rollout.Responses, device) -> torch.Tensor:
+def _anchor_preferences(prefer, batch: Responses, device) -> torch.Tensor:
     """REBEL from preferences: [2B] P(y_s > y'' | x) for s = 0, 1 against the anchor sample y'' (rows
     2B..3B-1), one preference-model call, with the missing-EOS rule applied."""
     b = batch.groups
     checked = functools.partial(rewards.preferences, prefer, device=device)  # count and range checked
     prefs = anchor_preferences(checked, batch.prompts[:b], batch.responses)
-    ruled = rollout.apply_eos_rule(prefs, batch.finished[: 2 * b], batch.finished[2 * b :].repeat(2))
+    ruled = rewards.apply_eos_rule(prefs, batch.finished[: 2 * b], batch.finished[2 * b :].repeat(2))
     return torch.where(torch.isfinite(prefs), ruled, prefs)  # a broken model's NaN still skips the update
 
 
-def rollout_stats(batch: rollout.Batch, gen_s: float, d: parallel.Dist, kl_coef: float) -> dict:
+def rollout_stats(batch: Batch, gen_s: float, d: parallel.Dist, kl_coef: float) -> dict:
     """The iteration's rollout metrics, over all ranks (those of log pi_t only when the batch has it: an
     iteration screened out before a folded update has none). With a reward configured, the KL-shaped
     score is the training target of reward-based algorithms and a monitor for the others."""
-    valid = batch.labels != rollout.IGNORE
+    valid = batch.labels != IGNORE
     stats = {
         "eos_rate": parallel.global_mean_std(batch.finished.float(), d)[0],
         "response_length/mean": parallel.global_mean_std(valid.sum(-1).float(), d)[0],
@@ -132,7 +116,7 @@ def rollout_stats(batch: rollout.Batch, gen_s: float, d: parallel.Dist, kl_coef:
         stats["kl/mean"] = parallel.global_mean_std(batch.kl, d)[0]
         stats["logprob_gap/mean_abs"] = parallel.global_mean_std(gap, d)[0]
     if batch.scores is not None and batch.kl is not None:
-        scored = rollout.shape_rewards(batch.scores, batch.kl, kl_coef)
+        scored = shape_rewards(batch.scores, batch.kl, kl_coef)
         stats["reward/mean"], stats["reward/std"] = parallel.global_mean_std(scored, d)
         stats["score/mean"] = parallel.global_mean_std(batch.scores, d)[0]
     if batch.anchor_preferences is not None:
@@ -140,40 +124,16 @@ def rollout_stats(batch: rollout.Batch, gen_s: float, d: parallel.Dist, kl_coef:
     return stats
 
 
-def collect_preference_pairs(run: Run, chosen: list[int]) -> rollout.Batch:
+def collect_preference_pairs(run: Run, chosen: list[int]) -> Batch:
     """Offline algorithms (DPO): the prompts with the dataset's chosen (rows 0..B-1) and rejected
     (rows B..2B-1) responses, and their log pi_ref; nothing is sampled or scored."""
     cfg, tok, prompt_set = run.cfg, run.tokenizer, run.prompts
-    ids, mask = data.left_pad([prompt_set.prompt_ids[i] for i in chosen], tok.pad_token_id, run.dist.device)
+    ids, mask = left_pad([prompt_set.prompt_ids[i] for i in chosen], tok.pad_token_id, run.dist.device)
     texts = {role: [prompt_set.responses[role][i] for i in chosen] for role in ("chosen", "rejected")}
-    ro = rollout.preference_pairs(ids, mask, texts["chosen"], texts["rejected"], tok, run.sampler.eos_ids.tolist(),
+    ro = preference_pairs(ids, mask, texts["chosen"], texts["rejected"], tok, run.sampler.eos_ids.tolist(),
                                   cfg.generation.max_new_tokens)
-    responses = rollout.from_rollout(ro, [prompt_set.prompts[i] for i in chosen] * 2, tok, samples=2,
-                                     sampled=torch.zeros_like(ro.finished))
+    responses = from_rollout(ro, [prompt_set.prompts[i] for i in chosen] * 2, tok, samples=2,
+                             sampled=torch.zeros_like(ro.finished))
     with run.timer("logprobs"):
-        ref = _logprobs(run, run.reference_lp, responses, _micro_batches(run, responses))
-    return rollout.Batch.of(responses, ref_logprobs=ref)
-
-
-# The quantities screened before an update, in the order they arise, with the names a warning uses.
-SCREENED = (("scores", "reward (scores)"), ("anchor_preferences", "preference (P(y > y''))"),
-            ("old_logprobs", "log pi_t (the policy's log-probabilities)"),
-            ("ref_logprobs", "log pi_ref (the reference's log-probabilities)"),
-            ("kl", "KL (log pi_t - log pi_ref)"), ("rewards", "shaped reward (score - kl_coef * KL)"))
-
-
-def non_finite_quantities(batch: rollout.Batch, d: parallel.Dist) -> list[str]:
-    """The names of the batch's quantities holding NaN/inf on any rank (one collective), in the order they
-    arise (the first is the cause of the others); empty when everything is finite."""
-    flags = torch.zeros(len(SCREENED), device=batch.labels.device)
-    for i, (field, _) in enumerate(SCREENED):
-        x = getattr(batch, field, None)
-        if x is not None:
-            flags[i] = (~torch.isfinite(x)).any().float()
-    flags = parallel.all_reduce(flags, d).tolist()
-    return [name for (_, name), flag in zip(SCREENED, flags) if flag > 0]
-
-
-def feedback_is_finite(batch: rollout.Batch, d: parallel.Dist) -> bool:
-    """No NaN/inf in any screened quantity of any rank's batch."""
-    return not non_finite_quantities(batch, d)
+        ref = sequence_logprobs(run.reference_lp, responses, _micro_batches(run, responses))
+    return Batch.of(responses, ref_logprobs=ref)

@@ -1,18 +1,17 @@
 """How an iteration's batch is cut for the training forwards: micro-batches (by a token budget when
-packed, engine/packing.py, else by a prompt count) and whether log pi_t is folded into the first epoch.
-The no-grad log pi_t / log pi_ref passes (engine/collect.py) and the first epoch (engine/update.py)
-walk the same micro-batches, so the first ratio is exactly 0.
+packed, engine/model/packing.py, else by a prompt count) and whether log pi_t is folded into the first
+epoch. The no-grad log pi_t / log pi_ref passes (engine/iteration/collect.py) and the first epoch
+(engine/iteration/update.py) walk the same micro-batches, so the first ratio is exactly 0.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from engine import packing, parallel, rollout
+from engine.model import packing
+from engine.runtime import parallel
 
-if TYPE_CHECKING:
-    from engine.build import Run
+from .batch import Responses
+from .run import Run
 
 
 def folds(cfg) -> bool:
@@ -24,7 +23,7 @@ def folds(cfg) -> bool:
             and algo.trained_samples == algo.samples_per_prompt)
 
 
-def micro_batches(run: Run, batch: rollout.Responses, prompts: torch.Tensor) -> list[torch.Tensor]:
+def micro_batches(run: Run, batch: Responses, prompts: torch.Tensor) -> list[torch.Tensor]:
     """`prompts` (indices of the batch's prompts, in order) cut into micro-batches: consecutive runs within
     train.micro_batch_tokens packed tokens, or of train.micro_batch_prompts prompts when packing is off.
     Under FSDP every rank runs as many micro-batches as the rank with the most (collectives pair up)."""

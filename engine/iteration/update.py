@@ -5,71 +5,86 @@ each one's loss is weighted by its share of the step's prompts, so the update is
 partition. Metrics stay on the device and are reduced once per optimizer step, over every micro-batch
 and every rank: one host sync per step.
 
-Folding (engine/batching.py): with one optimizer step per epoch, the first epoch's forwards record
-log pi_t (the batch arrives without it); the KL and the shaped rewards follow per micro-batch, exactly
-as engine/collect.py computes them, and the completed batch is screened before the first step.
+Folding (engine/iteration/micro_batches.py): with one optimizer step per epoch, the first epoch's
+forwards record log pi_t (the batch arrives without it); the KL and the shaped rewards follow per
+micro-batch from the algorithm (`Algorithm.rewards`, as collect asks it), and the completed batch is
+screened before the first step.
+
+The update counts what it did (`Updated.steps`, `Updated.skipped`); the loop keeps the run's totals.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
-from engine import collect, parallel, rollout
-from engine.algorithms import AlgoBatch
-from engine.batching import folds, micro_batches
+from engine.algorithms.inputs import AlgoBatch
+from engine.runtime import parallel
 
-if TYPE_CHECKING:
-    from engine.build import Run
+from .batch import Batch
+from .micro_batches import folds, micro_batches
+from .run import Run
 
 log = logging.getLogger("rebel")
 
 
-def update(run: Run, batch: rollout.Batch) -> tuple[dict, rollout.Batch]:
-    """Train on one collected batch; returns the update's metrics (loss of the first and last step,
-    the algorithm's metrics averaged over the last step's micro-batches and ranks, the lr) and the batch
-    (completed with log pi_t, the KL and the rewards when they were folded into the first epoch)."""
+@dataclasses.dataclass(frozen=True)
+class Updated:
+    """What an update did: its metrics, the batch (completed with log pi_t, the KL and the rewards when
+    they were folded into the first epoch), the optimizer steps taken and the steps skipped (non-finite)."""
+
+    metrics: dict
+    batch: Batch
+    steps: int = 0
+    skipped: int = 0
+
+
+def update(run: Run, batch: Batch) -> Updated:
+    """Train on one collected batch. Its metrics: the loss of the first and last step, the algorithm's
+    metrics averaged over the last step's micro-batches and ranks, the lr."""
     cfg, d = run.cfg, run.dist
     groups = batch.groups
     per_mb = groups // cfg.train.minibatches
-    losses, algo = [], {}
-    params = [p for p in run.policy_lp.parameters() if p.requires_grad]
+    losses, algo, skipped = [], {}, 0
     for epoch in range(cfg.train.num_epochs):
         order = torch.arange(groups) if epoch == 0 else torch.randperm(groups, generator=run.shuffle_generator)
         for mb in order.to(d.device).split(per_mb):
             run.optimizer.zero_grad(set_to_none=True)
             record = batch.old_logprobs is None and folds(cfg)
             bad, total, sums, batch = _accumulate_gradients(run, batch, mb, record)
-            if record and (names := collect.non_finite_quantities(batch, d)):
+            if record and (names := cfg.algorithm.non_finite(batch, functools.partial(parallel.all_reduce, d=d))):
                 log.warning("non-finite %s: update skipped", " -> ".join(names))
-                run.counters["skipped_batches"] += 1
                 run.optimizer.zero_grad(set_to_none=True)
-                return {}, batch
+                return Updated(metrics={}, batch=batch, steps=len(losses), skipped=skipped + 1)
             keys = list(sums)
             reduced = parallel.all_reduce(torch.stack([bad, torch.as_tensor(total, device=d.device).float(),
                                                        *(sums[k].float() for k in keys)]), d).tolist()
             if reduced[0] > 0:  # never let a non-finite loss touch the weights
                 log.warning("non-finite loss: minibatch skipped")
-                run.counters["skipped_batches"] += 1
+                skipped += 1
                 run.optimizer.zero_grad(set_to_none=True)
                 continue
-            if cfg.optim.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            run.optimizer.step()
-            run.scheduler.step()
-            if run.optimizer_steps is not None:
-                run.optimizer_steps += 1
+            _step(run)
             losses.append(reduced[1] / (len(mb) * d.world))
             algo = {f"algorithm/{k}": v / d.world for k, v in zip(keys, reduced[2:])}
     metrics = {"loss/first": losses[0] if losses else math.nan, "loss/last": losses[-1] if losses else math.nan,
                "lr": run.scheduler.get_last_lr()[0]}
-    return algo | metrics, batch
+    return Updated(metrics=algo | metrics, batch=batch, steps=len(losses), skipped=skipped)
 
 
-def _accumulate_gradients(run: Run, batch: rollout.Batch, mb: torch.Tensor, record: bool):
+def _step(run: Run) -> None:
+    """One optimizer and scheduler step (after clipping, when optim.max_grad_norm is set)."""
+    if run.cfg.optim.max_grad_norm is not None:
+        params = [p for p in run.policy_lp.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, run.cfg.optim.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+
+
+def _accumulate_gradients(run: Run, batch: Batch, mb: torch.Tensor, record: bool):
     """Forward and backward of one minibatch of prompts, by micro-batches. Returns (non-finite loss
     count, sum of micro-batch losses x prompts, the algorithm's metrics weighted by prompt share, all
     on the device; the batch, completed with log pi_t when `record`)."""
@@ -93,12 +108,12 @@ def _accumulate_gradients(run: Run, batch: rollout.Batch, mb: torch.Tensor, reco
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value.detach().float() * share
     if record:
-        kl, rewards = collect.kl_and_rewards(run.cfg, old, batch.ref_logprobs, batch.scores)
+        kl, rewards = _rewards(run, old, batch.ref_logprobs, batch.scores)
         batch = dataclasses.replace(batch, old_logprobs=old, kl=kl, rewards=rewards)
     return bad, total, sums, batch
 
 
-def micro_batch(run: Run, batch: rollout.Batch, micro: torch.Tensor,
+def micro_batch(run: Run, batch: Batch, micro: torch.Tensor,
                 record: torch.Tensor | None = None) -> tuple[torch.Tensor, AlgoBatch]:
     """The policy's log-probabilities of some prompts' samples and the loss inputs of those rows.
     Samples the loss takes no gradient through (the anchor of REBEL from preferences) are not run
@@ -109,7 +124,7 @@ def micro_batch(run: Run, batch: rollout.Batch, micro: torch.Tensor,
     per_prompt = cfg.algorithm.trained_samples
     trained = len(micro) * per_prompt
     logp = run.policy_lp(batch.input_ids[rows[:trained]], batch.attention_mask[rows[:trained]],
-                         batch.labels[rows[:trained]], cfg.generation.temperature, samples=per_prompt)
+                         batch.labels[rows[:trained]], samples=per_prompt)
     if trained < len(rows):
         logp = torch.cat([logp, logp.new_zeros((len(rows) - trained, logp.shape[1]))])
 
@@ -122,7 +137,13 @@ def micro_batch(run: Run, batch: rollout.Batch, micro: torch.Tensor,
     old, kl, rewards = take(batch.old_logprobs, rows), take(batch.kl, rows), take(batch.rewards, reward_rows)
     if record is not None:  # folded: this forward is log pi_t
         record[rows] = old = logp.detach().float()
-        kl, rewards = collect.kl_and_rewards(run.cfg, old, batch.ref_logprobs[rows], take(batch.scores, rows))
+        kl, rewards = _rewards(run, old, batch.ref_logprobs[rows], take(batch.scores, rows))
     inputs = AlgoBatch(labels=batch.labels[rows], old_logprobs=old, ref_logprobs=take(batch.ref_logprobs, rows),
                        kl=kl, rewards=rewards, anchor_preferences=take(batch.anchor_preferences, pair_rows))
     return logp, inputs
+
+
+def _rewards(run: Run, old: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor | None):
+    """Folded: the KL and shaped rewards of rows whose log pi_t this update recorded (folding needs every
+    sample trained, so there are no anchor preferences here)."""
+    return run.cfg.algorithm.rewards(old=old, ref=ref, scores=scores, preferences=None, kl_coef=run.cfg.reward.kl_coef)

@@ -1,6 +1,6 @@
 """Packed micro-batches on SDPA or eager attention, one dense block per group (docs/design.md, "Packing").
 
-A packed micro-batch (`engine.packing`) holds G groups [x | y_1[:-1] | ... | y_k[:-1]] in one row of T
+A packed micro-batch (`engine.model.packing`) holds G groups [x | y_1[:-1] | ... | y_k[:-1]] in one row of T
 tokens. No query attends outside its group, so a dense [T, T] mask spends sum_g L_g (T - L_g) of its
 score entries on pairs that are always masked: with a few thousand packed tokens, attention costs more
 than the unpacked rows did. Here each group's queries, keys and values are gathered into a block of
@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from engine import packing
+from . import packing
 
 NAMES = {"sdpa": "rebel_sdpa", "eager": "rebel_eager"}  # the inner implementation -> the registered name
 NAME = NAMES["sdpa"]

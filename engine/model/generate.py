@@ -12,7 +12,7 @@ decode step of an all-full-attention static cache is captured as a CUDA graph (t
 "reduce-overhead"); sliding layers keep a Python-side length, so their steps run eagerly.
 
 Sampling: plain temperature sampling goes straight from the last hidden state through the Gumbel-max
-kernel `sample_from_hidden` with the model's head (`engine/head.py`: bias, logit scale, soft-cap), no
+kernel `sample_from_hidden` with the model's head (`engine/model/head.py`: bias, logit scale, soft-cap), no
 logits at all; top-k / top-p / minimum lengths go through the `rebel_kernels._C` sampling op on the
 last position's logits; temperature 0 is greedy. Every path returns the log-probability of the sampled
 token under the distribution it was actually drawn from.
@@ -29,50 +29,13 @@ from torch import nn
 from transformers import DynamicLayer, StaticCache, StaticLayer, StaticSlidingWindowLayer
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from engine.head import Head, model_type
+from engine.config import SamplingConfig
+
+from .head import Head, model_type
 
 _CACHE_LENGTH_STEP = 64  # cache lengths are rounded up to this, so varying prompt lengths reuse one cache
 _STATIC_LAYERS = (StaticLayer, StaticSlidingWindowLayer)  # the layouts loaded and compacted through `update`
 _DYNAMIC_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)  # the prefill's layers: keys hold the last tokens
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SamplingConfig:
-    """How to sample. temperature 0 means greedy; top_k 0 and top_p 1 mean no truncation."""
-
-    max_new_tokens: int = 53
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    samples_per_prompt: int = 2
-    check_every: int = 8
-    compact_finished: bool = True  # move live rows into a smaller batch bucket once half have finished
-    kv_budget_bytes: int = 8 * 2**30  # the static cache of one call never exceeds this
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.samples_per_prompt < 1:
-            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
-        if self.check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {self.check_every}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def truncated(self) -> bool:
-        return self.top_k > 0 or self.top_p < 1
 
 
 @dataclasses.dataclass
@@ -120,7 +83,7 @@ class Sampler:
         device = next(model.parameters()).device
         if use_cuda_graphs and device.type == "cuda":
             self._compiled = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=False, dynamic=False)
-        try:  # sample from the hidden state with the head's description (engine/head.py), else from logits
+        try:  # sample from the hidden state with the head's description (engine/model/head.py), else from logits
             Head.from_model(model)
             self.hidden_head = True
         except ValueError:

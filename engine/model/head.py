@@ -6,7 +6,7 @@ Every family the engine accepts computes its logits from the final hidden state 
 
 transformers' order (Granite divides by `logits_scaling`, Cohere/Cohere2 multiply by `logit_scale`,
 Gemma-2/3 soft-cap with `final_logit_softcapping`; most families are plain: scale 1, no cap). `Head`
-describes this once; the training forward (engine/rollout.py), the sampler (engine/generate.py) and the
+describes this once; the training forward (engine/model/logprobs.py), the sampler (engine/model/generate.py) and the
 benchmarks pass it to the fused ops. `check_against_model` verifies at load that the description
 reproduces the model's own logits: a family it cannot describe is refused by name, never trained on
 wrong numbers.
@@ -17,6 +17,8 @@ import dataclasses
 
 import torch
 from torch import nn
+
+from rebel_kernels.reference import reference_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +60,10 @@ class Head:
         return kwargs
 
     def logits(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """The spec, materialized in float32 (checks and tests only): [..., H] -> [..., V]."""
-        z = hidden.float() @ self.weight.float().T
-        if self.bias is not None:
-            z = z + self.bias.float()
-        z = z * self.logit_scale
-        if self.softcap is not None:
-            z = self.softcap * torch.tanh(z / self.softcap)
-        return z / temperature
+        """The spec, materialized (checks and tests only): [..., H] -> [..., V] through the ops' own
+        reference (`rebel_kernels.reference.reference_logits`, float32 accumulation)."""
+        return reference_logits(hidden, self.weight, bias=self.bias, temperature=temperature,
+                                logit_scale=self.logit_scale, softcap=self.softcap)
 
 
 def model_type(lm: nn.Module) -> str:

@@ -1,6 +1,6 @@
 """Packed micro-batches on flash-attn's variable-length kernels (docs/design.md, "Packing").
 
-`engine.packing` lays a prompt x and its k responses out as one tree-shaped sequence
+`engine.model.packing` lays a prompt x and its k responses out as one tree-shaped sequence
 [x | y_1[:-1] | ... | y_k[:-1]] (several groups per row) and describes its attention with the dense
 [T, T] mask `Layout.allowed()`: query q may see key j iff same group, j <= q, and j on the trunk (the
 prompt) or on q's own branch. flash-attn takes no such mask, but this tree decomposes exactly into
@@ -47,7 +47,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine import packing
+from . import packing
 
 NAME = "rebel_varlen"
 

@@ -421,7 +421,7 @@ def export_hf(model: torch.nn.Module, tokenizer: Any | None, path: str, save: An
 
     `model` is a Hugging Face model or a wrapper holding one (e.g. the FSDP root around it); its weights
     are gathered from the shards and written under the HF model's own names. `save(directory, state_dict)`
-    replaces the model's save_pretrained (LoRA: write the adapter only, engine/lora.py)."""
+    replaces the model's save_pretrained (LoRA: write the adapter only, engine/model/lora.py)."""
     prefix, hf_model = _hf_submodule(model)
     if _is_sharded(model):
         # Gathers every shard; with cpu_offload only rank 0 receives the tensors (on CPU), others get {}.

@@ -75,22 +75,22 @@ def train_only_top_layers(lm: nn.Module, k: int) -> None:
     lm.get_output_embeddings().requires_grad_(True)
 
 
-def apply_activation_checkpointing(lm: nn.Module) -> None:
-    """Recompute each decoder layer's activations in the backward instead of storing them (under the
-    packed-attention plan of the forward: `packing.checkpoint_contexts`)."""
+def apply_activation_checkpointing(lm: nn.Module, context_fn=None) -> None:
+    """Recompute each decoder layer's activations in the backward instead of storing them. `context_fn`:
+    torch.utils.checkpoint's pair of (forward, recompute) contexts (the engine passes the one that
+    recomputes under the forward's packed-attention plan, engine/model/forward.py)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from engine.packing import checkpoint_contexts
-
+    kwargs = {} if context_fn is None else {"context_fn": context_fn}
     layers = decoder_layers(lm)
     for i, layer in enumerate(layers):
-        layers[i] = checkpoint_wrapper(layer, context_fn=checkpoint_contexts)
+        layers[i] = checkpoint_wrapper(layer, **kwargs)
 
 
 def shard(wrapper: nn.Module, lm: nn.Module, d: Dist, *, mp_policy=None) -> None:
     """FSDP2 (torchrun only): one group per decoder layer, the rest (embeddings, final norm, LM head;
     tied embeddings included) in the wrapper's root group, whose forward gathers them for the fused
-    loss. `mp_policy`: FSDP2's MixedPrecisionPolicy (see engine/precision.py), None for full precision."""
+    loss. `mp_policy`: FSDP2's MixedPrecisionPolicy (see engine/runtime/precision.py), None for full precision."""
     if not d.sharded:
         return
     from torch.distributed.fsdp import fully_shard

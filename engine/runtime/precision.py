@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from engine.parallel import Dist
+from .parallel import Dist
 
 
 @dataclasses.dataclass(frozen=True)
