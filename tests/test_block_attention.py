@@ -10,6 +10,7 @@ import torch
 import transformers as hf
 
 from engine.model import block_attention, forward, packing
+from engine.model.attention import attention_implementation
 from engine.model.logprobs import PolicyLogprobs
 from engine.runtime import parallel
 
@@ -104,7 +105,7 @@ def test_blockwise_eager_keeps_the_familys_soft_capped_attention():
             layer.self_attn.q_proj.weight.mul_(30.0)
             layer.self_attn.k_proj.weight.mul_(30.0)
         lm.lm_head.weight.mul_(5.0 / lm.lm_head.weight.norm(dim=1).mean())
-    assert lm.config._attn_implementation == "eager"
+    assert attention_implementation(lm) == "eager"
     packed_lm = copy.deepcopy(lm)
     packed_lm.set_attn_implementation(block_attention.register("eager"))
     ids, mask, labels = _batch(6)
@@ -172,7 +173,7 @@ def test_the_engine_runs_sdpa_models_blockwise_and_refuses_what_cannot_train_her
     cfg = C.TrainConfig(run_dir=str(tmp_path / "run"), logging=C.LoggingConfig(tensorboard=False, plots=False,
                                                                                progress=False))
     run = build(cfg)
-    assert run.policy.config._attn_implementation == block_attention.NAME
+    assert attention_implementation(run.policy) == block_attention.NAME
     assert run.policy_lp.packed and run.policy_lp.shared and run.reference_lp.packed
     run.lock.release()
     for name, match in (("flex_attention", "needs a CUDA device"), ("flash_attention_2", "needs flash-attn")):

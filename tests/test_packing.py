@@ -182,7 +182,7 @@ def test_every_family_packed_shared_unshared_and_padded_agree(family, k, attenti
         return
     _assert_packed_equals_padded(model, k, packed_calls, f"{family} ({attention})")
     assert packed_calls.count("packed") == 2, packed_calls  # shared and unshared both packed
-    assert set(packed_calls) - {"packed"} == {_MASK_KIND[model.config._attn_implementation]}
+    assert set(packed_calls) - {"packed"} == {_MASK_KIND[model_attention.attention_implementation(model)]}
 
 
 def test_the_window_fallback_is_announced_once(caplog):
@@ -252,7 +252,7 @@ def test_sliding_window_longer_than_the_batch_takes_the_packed_path(family, k, a
     assert packed_calls.count("packed") == 2, packed_calls
     inner = "eager" if family in ("gemma2", "llama_eager") else "sdpa"
     implementation = inner if attention == "loaded" else block_attention.NAMES[inner]
-    assert model.config._attn_implementation == implementation
+    assert model_attention.attention_implementation(model) == implementation
     assert set(packed_calls) - {"packed"} == {_MASK_KIND[implementation]}
 
 
@@ -466,7 +466,7 @@ def test_rebel_step_packed_equals_padded(attention, tmp_path):
     off, on = build.build(cfg("off", **OFF)), build.build(cfg("on"))
     assert (off.policy_lp.packed, on.policy_lp.packed, on.policy_lp.shared, on.reference_lp.packed) == (
         False, True, True, True)
-    assert on.policy.config._attn_implementation == block_attention.NAMES[attention or "sdpa"]
+    assert model_attention.attention_implementation(on.policy) == block_attention.NAMES[attention or "sdpa"]
     for a, b in zip(off.policy.parameters(), on.policy.parameters()):
         assert torch.equal(a, b)
     batch, _ = collect.collect(off, off.order.take(8))
@@ -643,7 +643,7 @@ def _flex_llama(monkeypatch):
     model = _wide("mistral", 64)  # a window (64) longer than every sequence, as for the SDPA variants
     flexed = copy.deepcopy(model)
     flexed.set_attn_implementation("flex_attention")
-    assert flexed.config._attn_implementation == "flex_attention"
+    assert model_attention.attention_implementation(flexed) == "flex_attention"
     return model, flexed
 
 

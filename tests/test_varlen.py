@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine.model import forward, packing, varlen
+from engine.model.attention import attention_implementation
 from engine.model.packing import IGNORE
 
 # ----------------------------------------------------------------------------------------------
@@ -198,9 +199,9 @@ def test_switching_a_model():
     lm = tiny_llama()
     varlen.register()  # idempotent
     lm.set_attn_implementation(varlen.NAME)
-    assert lm.config._attn_implementation == lm.model.config._attn_implementation == varlen.NAME
+    assert attention_implementation(lm) == attention_implementation(lm.model) == varlen.NAME
     built = LlamaForCausalLM._from_config(copy.deepcopy(tiny_llama().config), attn_implementation=varlen.NAME)
-    assert built.config._attn_implementation == varlen.NAME
+    assert attention_implementation(built) == varlen.NAME
 
 
 @pytest.mark.parametrize(("k", "dtype"), [(2, torch.float32), (4, torch.float32), (4, torch.float64)])

@@ -165,9 +165,7 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     if plan is None:
         return _delegate(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     _check(plan, query, attention_mask, kwargs)
-    out = _packed(plan, module, query, key, value, scaling, dropout,
-                  kwargs.get("sliding_window"), kwargs.get("softcap"))
-    return out, None
+    return _packed(plan, module, query, key, value, _kernel_options(plan, scaling, dropout, kwargs)), None
 
 
 def _check(plan: VarlenPlan, query: torch.Tensor, attention_mask, kwargs: dict) -> None:
@@ -182,9 +180,20 @@ def _check(plan: VarlenPlan, query: torch.Tensor, attention_mask, kwargs: dict) 
         raise ValueError("attention sinks (s_aux) are not supported by the packed varlen path")
 
 
+def _kernel_options(plan: VarlenPlan, scaling: float | None, dropout: float, kwargs: dict) -> dict:
+    """The varlen kernel's keyword arguments: scale, dropout, causal, and the softcap and sliding window
+    (a window no shorter than the longest segment never binds, and is left out)."""
+    options: dict = {"dropout_p": dropout, "softmax_scale": scaling, "causal": True}
+    if kwargs.get("softcap"):
+        options["softcap"] = kwargs["softcap"]
+    window = kwargs.get("sliding_window")
+    if window is not None and window < plan.max_seqlen_k:
+        options["window_size"] = (window - 1, 0)
+    return options
+
+
 def _packed(plan: VarlenPlan, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-            value: torch.Tensor, scaling: float | None, dropout: float, sliding_window: int | None,
-            softcap: float | None) -> torch.Tensor:
+            value: torch.Tensor, options: dict) -> torch.Tensor:
     """The varlen call: queries [T, H, D] in packed order, keys/values gathered to [sum Lk, Hkv, D]."""
     head_dim, v_head_dim = query.shape[-1], value.shape[-1]
     q = query[0].transpose(0, 1)
@@ -195,11 +204,6 @@ def _packed(plan: VarlenPlan, module: torch.nn.Module, query: torch.Tensor, key:
     target = _target_dtype(query, module)
     if target is not None and target != q.dtype:
         q, k, v = q.to(target), k.to(target), v.to(target)
-    options: dict = {"dropout_p": dropout, "softmax_scale": scaling, "causal": True}
-    if softcap:
-        options["softcap"] = softcap
-    if sliding_window is not None and sliding_window < plan.max_seqlen_k:
-        options["window_size"] = (sliding_window - 1, 0)
     out = _kernel()(q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q, plan.max_seqlen_k,
                     **options)
     out = out[0] if isinstance(out, tuple) else out
