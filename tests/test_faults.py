@@ -119,7 +119,7 @@ def test_resume_with_a_changed_config_stops_and_lists_the_fields(tmp_path):
     # accepted explicitly: the new lr is the scheduler's base, not the checkpoint's
     accepted = _override(changed, ("model.train_top_layers", "0"), ("checkpoint.allow_config_change", "true"))
     r = build(accepted)
-    loop.run(r)
+    loop.train(r)
     assert r.scheduler.base_lrs == [0.002] and r.optimizer.param_groups[0]["initial_lr"] == 0.002
     assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 0.002
     assert not [n for n in os.listdir(tmp_path) if n.startswith("config.json.")]  # atomic write left no temp
@@ -334,7 +334,7 @@ def test_non_finite_reference_logprobs_are_named_and_the_update_skipped(tmp_path
         r.reference_lp.lm.get_input_embeddings().weight.fill_(float("nan"))
     before = {n: p.detach().clone() for n, p in r.policy_lp.named_parameters()}
     with caplog.at_level("WARNING", logger="rebel"):
-        stats = loop.iteration(r, 0)
+        stats = loop.iteration(r, loop.Status(), 0)
     assert stats["skipped_batches"] == 1 and "loss/first" not in stats
     chain = "" if fold else " -> KL (log pi_t - log pi_ref) -> shaped reward (score - kl_coef * KL)"
     assert f"non-finite log pi_ref (the reference's log-probabilities){chain} at iteration 0" in caplog.text
@@ -351,7 +351,7 @@ def test_non_finite_folded_policy_logprobs_skip_the_update(tmp_path, caplog):
     r.policy_lp.forward = lambda *args, **kwargs: forward(*args, **kwargs) * float("nan")
     before = {n: p.detach().clone() for n, p in r.policy_lp.named_parameters()}
     with caplog.at_level("WARNING", logger="rebel"):
-        stats = loop.iteration(r, 0)
+        stats = loop.iteration(r, loop.Status(), 0)
     assert stats["skipped_batches"] == 1 and "loss/first" not in stats
     assert "non-finite log pi_t (the policy's log-probabilities) -> KL" in caplog.text
     assert all(torch.equal(p, before[n]) for n, p in r.policy_lp.named_parameters())

@@ -110,4 +110,11 @@ def test_real_liger_matches_the_plain_body(monkeypatch):
         line = liger.apply(model)
         got = model(ids).logits
     assert "llama" in line
+    # the layers really run Liger's code now (equal logits alone would also pass with nothing patched)
+    layer = model.model.layers[0]
+    patched = {"input_layernorm": layer.input_layernorm.forward, "mlp": layer.mlp.forward,
+               "final norm": model.model.norm.forward, "rope": modeling_llama.apply_rotary_pos_emb}
+    for name, fn in patched.items():
+        where = getattr(getattr(fn, "__func__", fn), "__module__", "")
+        assert where.startswith("liger_kernel"), f"{name} is not Liger's: {where}"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -647,12 +647,19 @@ def _flex_llama(monkeypatch):
     return model, flexed
 
 
+# On CPU torch's eager flex attention runs the forward (it has no backward there); on CUDA transformers'
+# compiled flex attention runs forward and backward as in training (the GPU session's `pytest -m cuda`).
+FLEX_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_attention_packed_forward_equals_sdpa(monkeypatch, packed_calls):
-    model, flexed = _flex_llama(monkeypatch)
+@pytest.mark.parametrize("where", FLEX_DEVICES)
+def test_flex_attention_packed_forward_equals_sdpa(monkeypatch, packed_calls, where):
+    model, flexed = _flex_llama(monkeypatch if where == "cpu" else None)
+    model, flexed = model.to(where), flexed.to(where)
     assert forward.incompatibility(flexed) is None  # the probe runs the BlockMask
     for k in (2, 4):
-        batch = shared_batch(k)
+        batch = [x.to(where) for x in shared_batch(k)]
         with torch.no_grad():
             want = PolicyLogprobs(model, packed=True, shared=True, temperature=T)(*batch, samples=k)
             padded = PolicyLogprobs(model, temperature=T)(*batch, samples=k)
@@ -663,20 +670,15 @@ def test_flex_attention_packed_forward_equals_sdpa(monkeypatch, packed_calls):
         torch.testing.assert_close(got, padded, **FAMILY_LP)
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_attention_packed_gradients_equal_sdpa(monkeypatch, packed_calls, device):
-    """Needs a device FlexAttention differentiates on: on CPU torch refuses the backward (skipped with its
-    message). On CUDA transformers' compiled flex attention runs as it does in training."""
-    model, flexed = _flex_llama(monkeypatch if device.type == "cpu" else None)
-    model, flexed = model.to(device), flexed.to(device)
-    batch = [x.to(device) for x in shared_batch(2)]
+@pytest.mark.cuda
+def test_flex_attention_packed_gradients_equal_sdpa(packed_calls):
+    """transformers' compiled flex attention differentiates on CUDA only (torch refuses its backward on
+    CPU, hence the model.attn_implementation check at load): packed gradients equal SDPA's padded ones."""
+    model, flexed = _flex_llama(None)
+    model, flexed = model.cuda(), flexed.cuda()
+    batch = [x.cuda() for x in shared_batch(2)]
     objective = _objective(2, batch[2])
-    try:
-        got = _logp_and_grads(PolicyLogprobs(flexed, packed=True, shared=True, temperature=T), batch, 2, objective)
-    except NotImplementedError as exc:
-        if "backward on CPU" in str(exc):
-            pytest.skip(f"torch {torch.__version__}: {exc}")
-        raise
+    got = _logp_and_grads(PolicyLogprobs(flexed, packed=True, shared=True, temperature=T), batch, 2, objective)
     want = _logp_and_grads(PolicyLogprobs(model, temperature=T), batch, 2, objective)
     torch.testing.assert_close(got[0], want[0], **FAMILY_LP)
     assert_grads_close(got[1], want[1], [n for n, _ in model.named_parameters()], "flex attention")

@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 
     from .inputs import AlgoBatch
 
+def samples(default: int):
+    """The `samples_per_prompt` field of an algorithm (k), with its --help line."""
+    return dataclasses.field(default=default, metadata={"help": "responses per prompt the algorithm trains on (k)"})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Algorithm:
     """Base of every algorithm: k samples per prompt and a loss. Subclasses fix k's allowed values.
@@ -49,8 +54,7 @@ class Algorithm:
     - `needs_preferences`: reads `anchor_preferences` from a preference model instead of scores.
     """
 
-    samples_per_prompt: int = dataclasses.field(
-        default=2, metadata={"help": "responses per prompt the algorithm trains on (k)"})
+    samples_per_prompt: int = 2  # each subclass declares its own default with `samples(k)`
     offline: ClassVar[bool] = False
     needs_preferences: ClassVar[bool] = False
 

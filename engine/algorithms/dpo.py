@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
-from .base import Algorithm, check_k, positive
+from .base import Algorithm, check_k, positive, samples
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPO(Algorithm):
-    samples_per_prompt: int = 2
+    samples_per_prompt: int = samples(2)
     beta: float = dataclasses.field(default=0.05, metadata={"help": "DPO's beta: the implicit reward's scale"})
     offline: ClassVar[bool] = True
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from .base import Algorithm, check_k, positive
+from .base import Algorithm, check_k, positive, samples
 
 if TYPE_CHECKING:
     import torch
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class IterativeDPO(Algorithm):
-    samples_per_prompt: int = 2
+    samples_per_prompt: int = samples(2)
     beta: float = dataclasses.field(default=0.05, metadata={"help": "DPO's beta: the implicit reward's scale"})
 
     def __post_init__(self):

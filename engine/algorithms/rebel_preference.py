@@ -24,7 +24,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
-from .base import Algorithm, check_k, positive
+from .base import Algorithm, check_k, positive, samples
 from .shaping import preference_signal
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def anchor_preferences(prefer: PreferenceFn, prompts: Sequence[str], responses: 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RebelPreference(Algorithm):
-    samples_per_prompt: int = 3
+    samples_per_prompt: int = samples(3)
     eta: float = dataclasses.field(default=1.0,
                                    metadata={"help": "REBEL's eta: the log-ratio difference is divided by it"})
     needs_preferences: ClassVar[bool] = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from .base import Algorithm, check_k
+from .base import Algorithm, check_k, samples
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Reinforce(Algorithm):
-    samples_per_prompt: int = 1
+    samples_per_prompt: int = samples(1)
 
     def __post_init__(self):
         check_k("Reinforce", self.samples_per_prompt, ">= 1", self.samples_per_prompt >= 1)

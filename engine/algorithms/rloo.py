@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from .base import Algorithm, check_k
+from .base import Algorithm, check_k, samples
 
 if TYPE_CHECKING:
     import torch
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RLOO(Algorithm):
-    samples_per_prompt: int = 2
+    samples_per_prompt: int = samples(2)
 
     def __post_init__(self):
         check_k("RLOO", self.samples_per_prompt, ">= 2", self.samples_per_prompt >= 2)
