@@ -37,6 +37,7 @@ from bench._cases import IGNORE_INDEX, Case, make_inputs
 from bench._environment import peer_versions
 
 PROVIDERS = ("fused", "naive", "naive-response", "compile", "torch-lce", "liger", "liger-scaled", "cce", "cce_exact")
+OURS = ("fused", "naive", "naive-response", "compile")  # this project's code: a mismatch or an error fails
 CUDA_ONLY = frozenset({"liger", "cce", "cce_exact"})
 # Providers whose matmul covers every position (ignored ones included); the others compute the
 # response rows only (CCE drops ignored targets before its kernels).
@@ -167,14 +168,11 @@ def _cce_token_logprobs(impl: str):
 
 
 def fused_ops():
-    """(fused_token_logprobs, fused_rebel_loss), or None while rebel_kernels does not export them."""
-    try:
-        import rebel_kernels
-    except ImportError:
-        return None
-    lp = getattr(rebel_kernels, "fused_token_logprobs", None)
-    loss = getattr(rebel_kernels, "fused_rebel_loss", None)
-    return None if lp is None or loss is None else (lp, loss)
+    """(fused_token_logprobs, fused_rebel_loss): this project's ops (failing to import them is an error,
+    never a skip)."""
+    from rebel_kernels import fused_rebel_loss, fused_token_logprobs
+
+    return fused_token_logprobs, fused_rebel_loss
 
 
 def _loss_on(logprobs_fn):
@@ -199,9 +197,7 @@ _PEER_LOGPROBS = {
 
 def provider_skip_reason(provider: str, device: str) -> str | None:
     """Why `provider` cannot run on `device` here (not installed, CUDA only, ...), or None."""
-    if provider == "fused":
-        return None if fused_ops() is not None else "rebel_kernels.fused_rebel_loss is not available"
-    if provider in ("naive", "naive-response", "compile"):
+    if provider in OURS:
         return None
     if provider == "torch-lce":
         if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
@@ -235,10 +231,7 @@ def provider_ops(provider: str):
     if provider == "naive":
         return naive_token_logprobs, naive_rebel_loss
     if provider == "fused":
-        ops = fused_ops()
-        if ops is None:
-            raise RuntimeError("rebel_kernels.fused_rebel_loss / fused_token_logprobs are not available")
-        return ops
+        return fused_ops()
     if provider == "compile":
         torch._dynamo.reset()  # a fresh cache per shape: no silent fall-back to eager at the recompile limit
         return (torch.compile(naive_token_logprobs, fullgraph=True, dynamic=False),

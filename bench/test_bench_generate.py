@@ -77,6 +77,16 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _assert_every_row_full(out, provider: str, rows: int, case: GenCase) -> None:
+    """Every one of the `rows` generated rows holds exactly case.new_tokens new tokens."""
+    if provider == "ours":
+        lengths = out.response_mask.sum(-1)
+    else:  # HF generate: prompt + new tokens per row, padded to the longest
+        lengths = torch.full((out.shape[0],), out.shape[1] - case.prompt_len, device=out.device)
+    assert lengths.shape == (rows,), f"{provider}: {lengths.shape[0]} rows, expected {rows}"
+    assert bool((lengths == case.new_tokens).all()), f"{provider}: new tokens per row {lengths.tolist()}"
+
+
 @pytest.mark.parametrize("provider", ["ours", "hf-dynamic", pytest.param("hf-static-compile", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.cuda) if c.cuda else c for c in CASES],
                          ids=lambda c: c.name)
@@ -114,7 +124,8 @@ def test_bench_generate(benchmark, bench_rows, case: GenCase, provider: str):
         _sync(device)
         return out
 
-    timed()  # warm-up: compilation, graph capture, cache allocation
+    out = timed()  # warm-up: compilation, graph capture, cache allocation
+    _assert_every_row_full(out, provider, rows, case)  # tokens/s counts rows x new_tokens: none may stop early
     rounds = 3 if on_cuda else 2
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
     times = list(getattr(getattr(getattr(benchmark, "stats", None), "stats", None), "data", None) or [])

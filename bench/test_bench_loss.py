@@ -24,6 +24,7 @@ from bench._cases import CASES, Case, input_bytes, make_inputs, skip_reason
 from bench._memory import measure_cpu_op_memory, measure_cuda_op_memory
 from bench._providers import (
     MODES,
+    OURS,
     PROVIDERS,
     check_provider,
     fused_ops,
@@ -61,7 +62,6 @@ def _oom_errors():
     return (torch.cuda.OutOfMemoryError,) if hasattr(torch.cuda, "OutOfMemoryError") else (RuntimeError,)
 
 
-OURS = ("fused", "naive")  # a failure of these is a bug here; a peer's is recorded and skipped
 _CHECKS: dict = {}
 
 
@@ -179,10 +179,7 @@ def test_naive_matches_reference(response_fraction):
 
 @pytest.mark.parametrize("response_fraction", [1.0, 0.25])
 def test_fused_matches_naive(response_fraction):
-    ops = fused_ops()
-    if ops is None:
-        pytest.skip("rebel_kernels.fused_rebel_loss is not available yet")
-    fused_logprobs, fused_loss = ops
+    fused_logprobs, fused_loss = fused_ops()
     x = _tiny_inputs(response_fraction, requires_grad=True)
     args = (x["hidden"], x["weight"], x["labels"])
     with torch.no_grad():

@@ -6,11 +6,10 @@ from bench import gpu_session
 
 
 def test_dry_run_writes_each_part(tmp_path):
-    rc = gpu_session.main(["--out", str(tmp_path), "--dry-run", "--only", "correctness", "packing", "loss",
-                           "generate"])
+    rc = gpu_session.main(["--out", str(tmp_path), "--dry-run"])  # every part, as on the device
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert rc == 0, summary
-    assert set(summary["parts"]) == {"correctness", "packing", "loss", "generate"}
+    assert set(summary["parts"]) == set(gpu_session.PARTS)
     packing = json.loads((tmp_path / "packing.json").read_text())
     assert packing["rows"] and all(r["status"] == "passed" for r in packing["rows"]), packing["rows"]
     correctness = json.loads((tmp_path / "correctness.json").read_text())
@@ -22,4 +21,8 @@ def test_dry_run_writes_each_part(tmp_path):
     assert by[("liger", "fwdbwd")]["status"] == "skipped" and "CUDA" in by[("liger", "fwdbwd")]["reason"]
     generate = json.loads((tmp_path / "generate.json").read_text())
     assert {r["provider"] for r in generate["rows"]} == {"ours", "hf-dynamic"}
+    iteration = json.loads((tmp_path / "iteration.json").read_text())
+    by = {r["provider"]: r for r in iteration["rows"]}
+    assert set(by) == {"ours", "ours-off", "trl-rloo"}, iteration["rows"]
+    assert all("error" not in r and r["iteration_s"] > 0 for r in iteration["rows"]), iteration["rows"]
     assert len(list(tmp_path.iterdir())) <= 8  # the device returns at most 8 files
