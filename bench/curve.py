@@ -2,8 +2,9 @@
 seed noise of the padded one? Runs `engine/train.py` (the embedded default: 200 iterations on the
 counting task) for each seed with the defaults ("ours": shared prefix, packing by a token budget, log
 pi_t folded) and with all three off ("ours-off"), one process at a time, one thread, then prints one
-JSON object: per provider and seed the mean score, reward and KL over windows of 50 iterations, and the
-mean seconds per iteration.
+JSON object: per provider and seed the score, reward and KL of the first and the last iteration (what the
+run prints) and their means over windows of 50 iterations, the mean seconds per iteration and the
+iterations' total seconds.
 
     OMP_NUM_THREADS=1 python -m bench.curve --seeds 0 1 2 [--out bench/results/HOST_DATE_default-curve.json]
 
@@ -43,6 +44,9 @@ def run(provider: str, seed: int, run_dir: str) -> list[dict]:
 def summarize(provider: str, seed: int, rows: list[dict]) -> dict:
     out = {"provider": provider, "seed": seed, "iterations": len(rows),
            "iteration_s": statistics.mean(r["time/iteration"] for r in rows[10:])}
+    for key in ("score/mean", "reward/mean", "kl/mean"):  # what the run's own summary prints
+        out[f"{key.split('/')[0]}_first"], out[f"{key.split('/')[0]}_last"] = rows[0][key], rows[-1][key]
+    out["run_s"] = sum(r["time/iteration"] for r in rows)
     for start in range(0, len(rows), WINDOW):
         window = rows[start : start + WINDOW]
         for key in ("score/mean", "reward/mean", "kl/mean"):
