@@ -17,6 +17,9 @@ cut short keeps what it measured and the next part still runs. In order of value
   iteration    one REBEL iteration (random Pythia-1.4B, 128 prompts x 2 x 53 tokens, 4 epochs) per phase
                and peak memory: ours, ours with sharing/packing/folding off, TRL's RLOOTrainer k = 2
                (bench/_iteration.py)
+  tiles        the tile candidates bench/compile_check.py found spill-free, timed: the forward launcher
+               (bf16, H 4096, V 128256, 8192 tokens, with and without entropy) and the Gumbel sampler
+               (8 to 256 rows), the tile table's entry first
 
 On the device (torch 2.11, no package index there): peers travel as wheels in .whl/ (gitignored;
 `pip download --no-deps -d .whl liger-kernel cut-cross-entropy trl datasets dill multiprocess` here,
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -46,7 +50,7 @@ import torch
 from bench._environment import REPO_ROOT, environment
 
 # seconds each (8 min in all), in order of value
-PARTS = {"correctness": 90, "packing": 50, "loss": 140, "generate": 70, "iteration": 130}
+PARTS = {"correctness": 85, "packing": 45, "loss": 130, "generate": 65, "iteration": 115, "tiles": 40}
 MAX_TOTAL_S = 480
 
 
@@ -301,15 +305,83 @@ def part_packing(rows: Rows, dry_run: bool) -> None:
     marker, files = ("not cuda", PACKING_TESTS[:1]) if dry_run else ("cuda", PACKING_TESTS)
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", marker, "-p", "no:cacheprovider",
                     f"--junitxml={report}", *files], cwd=REPO_ROOT)
-    for case in ET.parse(report).getroot().iter("testcase"):
+    cases = list(ET.parse(report).getroot().iter("testcase"))
+    os.remove(report)  # read: the device returns at most 8 files
+    for case in cases:
         outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
         detail = next((child.get("message", "") for child in case if child.tag != "system-out"), "")
         rows.add(dict(test=f"{case.get('classname')}::{case.get('name')}", status=outcome, seconds=case.get("time"),
                       detail=detail[:400]))
 
 
+# ----------------------------------------------------------------------------------------------
+# part 6: which spill-free tile is fastest
+
+
+def _tile_candidates(dry_run: bool) -> dict:
+    """Launch kind -> [(name, TileConfig)]: the table's entry first, then the candidates bench/compile_check.py
+    found spill-free (or the entry before it, which spilled) that only a GPU can rank."""
+    from rebel_kernels._tiles import TileConfig as T
+
+    if dry_run:
+        return {"fwd": [("interpret", T(block_m=16, block_n=32, block_k=16, num_warps=1, num_stages=1, split_v=64))],
+                "sample": [("interpret", T(block_m=32, block_n=32, block_k=16, num_warps=1, num_stages=1,
+                                           split_v=64))]}
+    fwd = dict(block_m=128, block_n=128, block_k=64, split_v=8192)
+    sample = dict(block_m=64, block_n=128, block_k=64, split_v=256)
+    return {
+        "fwd": [("table w8 s3", T(**fwd, num_warps=8, num_stages=3)),
+                ("before w8 s4", T(**fwd, num_warps=8, num_stages=4)),
+                ("w16 s4", T(**fwd, num_warps=16, num_stages=4)),
+                ("128x64x64 w8 s4", T(**{**fwd, "block_n": 64}, num_warps=8, num_stages=4))],
+        "sample": [("table w8 s4", T(**sample, num_warps=8, num_stages=4)),
+                   ("before w4 s4", T(**sample, num_warps=4, num_stages=4)),
+                   ("64x64x64 w4 s4", T(**{**sample, "block_n": 64}, num_warps=4, num_stages=4)),
+                   ("w8 s3", T(**sample, num_warps=8, num_stages=3)),
+                   ("w8 s4 split 512", T(**{**sample, "split_v": 512}, num_warps=8, num_stages=4))],
+    }
+
+
+def part_tiles(rows: Rows, dry_run: bool) -> None:
+    """p50 milliseconds of the forward launcher (bf16, Llama-3-8B head, with and without entropy) and of the
+    Gumbel sampler (bf16, decode batches of 8 to 256 rows) for each tile candidate, the table's first."""
+    from rebel_kernels.gumbel.triton_kernels import draw_seed, gumbel_sample_triton
+    from rebel_kernels.logprobs.triton_kernels import token_logprobs_fwd
+
+    dev = _device(dry_run)
+    dtype = torch.float32 if dry_run else torch.bfloat16
+    n, h, v = (16, 32, 300) if dry_run else (8192, 4096, 128256)
+    g = torch.Generator(device=dev).manual_seed(0)
+    hidden = (torch.randn(n, h, device=dev, generator=g) * 0.5).to(dtype)
+    weight = (torch.randn(v, h, device=dev, generator=g) / h**0.5).to(dtype)
+    labels = torch.randint(0, v, (n,), device=dev, generator=g)
+    idx = torch.arange(n, device=dev)
+    reps = 2 if dry_run else 10
+    candidates = _tile_candidates(dry_run)
+    for entropy in (False, True):
+        for name, cfg in candidates["fwd"]:
+            def fwd(cfg=cfg, entropy=entropy):
+                token_logprobs_fwd(hidden, weight, None, labels, idx, idx, 1.0, entropy, config=cfg)
+            _time_tile(rows, dict(kernel="fwd", shape=[n, h, v], entropy=entropy), name, cfg, fwd, dev, reps)
+    seed = draw_seed(torch.Generator(device=dev).manual_seed(1), dev)
+    for batch in ((4,) if dry_run else (8, 64, 256)):
+        for name, cfg in candidates["sample"]:
+            def sample(cfg=cfg, batch=batch):
+                gumbel_sample_triton(hidden[:batch], weight, None, 0.7, seed, config=cfg)
+            _time_tile(rows, dict(kernel="sample", shape=[batch, h, v]), name, cfg, sample, dev, reps)
+
+
+def _time_tile(rows: Rows, row: dict, name: str, cfg, fn, dev: torch.device, reps: int) -> None:
+    row = dict(row, candidate=name, tiles=dataclasses.asdict(cfg))
+    try:
+        fn()  # compile
+        rows.add(dict(row, p50_ms=1e3 * _median_s(fn, dev, reps), status="ok"))
+    except Exception as e:  # a candidate that does not launch (shared memory, registers) is a result too
+        rows.add(dict(row, status="error", error=f"{type(e).__name__}: {str(e)[-300:]}"))
+
+
 RUN = {"correctness": part_correctness, "packing": part_packing, "loss": part_loss, "generate": part_generate,
-       "iteration": part_iteration}
+       "iteration": part_iteration, "tiles": part_tiles}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +405,9 @@ def run_all(out: str, dry_run: bool, only: list[str]) -> dict:
             log.write(f"=== {part} (limit {limit:.0f} s)\n")
             log.flush()
             try:
-                proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=limit)
+                # rehearsing tiles: the launchers' Triton kernels interpreted on CPU tensors (set before triton loads)
+                env = dict(os.environ, TRITON_INTERPRET="1") if dry_run and part == "tiles" else None
+                proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=limit, env=env)
                 status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
             except subprocess.TimeoutExpired:
                 status = f"timed out after {limit:.0f} s (rows so far kept)"

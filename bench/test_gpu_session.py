@@ -25,4 +25,6 @@ def test_dry_run_writes_each_part(tmp_path):
     by = {r["provider"]: r for r in iteration["rows"]}
     assert set(by) == {"ours", "ours-off", "trl-rloo"}, iteration["rows"]
     assert all("error" not in r and r["iteration_s"] > 0 for r in iteration["rows"]), iteration["rows"]
+    tiles = json.loads((tmp_path / "tiles.json").read_text())
+    assert {r["kernel"] for r in tiles["rows"]} == {"fwd", "sample"} and all(r["status"] == "ok" for r in tiles["rows"])
     assert len(list(tmp_path.iterdir())) <= 8  # the device returns at most 8 files
