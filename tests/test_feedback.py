@@ -14,9 +14,10 @@ from engine.data import prompts as data
 from engine.data import rewards
 from engine.data.rewards import build_feedback
 from engine.data.tasks import char_tokenizer, counting_preference, counting_preference_pairs, counting_reward
-from engine.iteration import batch as rollout
+from engine.iteration.batch import preference_pairs
 from engine.iteration.collect import collect, collect_preference_pairs, rollout_stats
 from engine.iteration.update import update
+from engine.model.packing import IGNORE
 from engine.train import train
 from tests.test_train import _metrics, _plain_logprobs, _with
 
@@ -66,7 +67,7 @@ def test_preference_pairs_batch_and_the_dpo_step_match_plain_pytorch(tmp_path):
     assert batch.responses[:b] == [ps.responses["chosen"][i] for i in chosen]
     assert batch.responses[b:] == [ps.responses["rejected"][i] for i in chosen]
     assert batch.finished.all()  # EOS appended to every dataset response
-    lengths = (batch.labels != rollout.IGNORE).sum(-1)
+    lengths = (batch.labels != IGNORE).sum(-1)
     assert lengths.tolist() == [len(t) + 1 for t in batch.responses]
     torch.testing.assert_close(batch.ref_logprobs, _plain_logprobs(reference, batch, 1.0).detach(),
                                rtol=1e-5, atol=1e-5)
@@ -82,7 +83,7 @@ def test_preference_pairs_batch_and_the_dpo_step_match_plain_pytorch(tmp_path):
 def test_preference_pairs_are_cut_at_max_new_tokens():
     tok = char_tokenizer()
     ids, mask = data.left_pad([[5, 6]], tok.pad_token_id, "cpu")
-    ro = rollout.preference_pairs(ids, mask, ["123456789"], ["1"], tok, [tok.eos_token_id], max_tokens=4)
+    ro = preference_pairs(ids, mask, ["123456789"], ["1"], tok, [tok.eos_token_id], max_tokens=4)
     assert ro.response_ids.shape == (2, 4) and ro.finished.tolist() == [False, True]
 
 

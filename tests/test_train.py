@@ -17,11 +17,12 @@ from engine import config as C
 from engine.build import build, make_optimizer
 from engine.data.rewards import apply_eos_penalty
 from engine.data.tasks import char_tokenizer, counting_prompts, tiny_llama
-from engine.iteration import batch as rollout
+from engine.iteration.batch import Batch
 from engine.iteration.collect import collect, rollout_stats
 from engine.iteration.micro_batches import micro_batches
 from engine.iteration.update import update
 from engine.model.logprobs import PolicyLogprobs
+from engine.model.packing import IGNORE
 from engine.train import train
 from rebel_kernels.reference import reference_rebel_loss_from_logprobs
 
@@ -43,7 +44,7 @@ def test_apply_eos_penalty_replaces_the_score():
 
 
 def test_batch_rows_keep_pairs_together():
-    batch = rollout.Batch(input_ids=torch.zeros(8, 3), attention_mask=torch.zeros(8, 3), labels=torch.zeros(8, 2),
+    batch = Batch(input_ids=torch.zeros(8, 3), attention_mask=torch.zeros(8, 3), labels=torch.zeros(8, 2),
                           finished=torch.ones(8, dtype=torch.bool), sampler_logprobs=torch.zeros(8, 2),
                           sampled=torch.ones(8, dtype=torch.bool), prompts=[""] * 8, responses=[""] * 8)
     assert batch.rows(torch.tensor([2, 0])).tolist() == [2, 0, 6, 4]
@@ -74,7 +75,7 @@ def _plain_logprobs(lm, batch, temperature):
     n = batch.labels.shape[1]
     logits = logits[:, -n - 1 : -1] / temperature
     lsm = torch.log_softmax(logits, -1)
-    valid = batch.labels != rollout.IGNORE
+    valid = batch.labels != IGNORE
     return torch.where(valid, lsm.gather(-1, batch.labels.clamp_min(0)[..., None])[..., 0], 0.0)
 
 
@@ -85,7 +86,7 @@ def test_one_iteration_matches_plain_pytorch(tmp_path):
     plain = _plain_logprobs(policy, batch, T).detach()
     torch.testing.assert_close(batch.old_logprobs, plain, rtol=1e-5, atol=1e-5)
     # the sampler's log-probabilities are those of the training forward (same temperature)
-    valid = batch.labels != rollout.IGNORE
+    valid = batch.labels != IGNORE
     torch.testing.assert_close(batch.sampler_logprobs[valid], plain[valid], rtol=1e-4, atol=1e-4)
     # reference == initial policy: KL 0, rewards = penalized scores
     torch.testing.assert_close(batch.rewards, batch.scores)
