@@ -1,4 +1,4 @@
-"""engine/config.py: presets, typed overrides, clear errors, JSON round trip, the CLI parser."""
+"""engine/config/: presets, typed overrides, clear errors, JSON round trip, the CLI parser."""
 import pytest
 
 from engine import config as C
