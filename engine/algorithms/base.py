@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from .inputs import AlgoBatch
 
+
 def samples(default: int):
     """The `samples_per_prompt` field of an algorithm (k), with its --help line."""
     return dataclasses.field(default=default, metadata={"help": "responses per prompt the algorithm trains on (k)"})
