@@ -11,7 +11,7 @@ a Triton kernel runs: `import rebel_kernels` does not need triton), _torch_commo
 paths' helpers), _reference_common.py (the spec the ops share: reference_logits), reference.py
 (every op's spec). An op folder imports from these, never from another op folder.
 `positive_finite(name, value)` is the ops' own check of a finite, > 0 argument (temperature, eta),
-public for callers that validate the same arguments (engine/algorithms).
+public for callers that validate the same arguments.
 """
 from . import reference
 from ._validate import positive_finite

@@ -111,7 +111,8 @@ def check_k(name: str, k, allowed: str, ok: bool) -> None:
 
 def positive(name: str, value) -> float:
     """`value` as a float if it is a real number, finite and > 0; else TypeError / ValueError naming `name`
-    (the same check and words as the op's own arguments)."""
+    (the words of `rebel_kernels.positive_finite`, written again here because importing rebel_kernels
+    loads torch, which the config's algorithm dataclasses must not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     if not math.isfinite(value) or value <= 0:
