@@ -4,8 +4,11 @@ CUDA: in process, torch.cuda peak statistics.  op_peak_bytes = peak allocated du
 minus what was allocated just before it (inputs, parameters); abs_peak_bytes = the peak itself.
 
 CPU: in a fresh Python process (one per measurement), so that nothing the benchmark process
-did before (other providers, allocator caches) is counted.  The child runs one tiny warm-up call
-of the op (libraries, kernels and thread pools loaded), builds the inputs, reads its current RSS
+did before (other providers, allocator caches) is counted.  The child runs a warm-up (`WARMUPS`;
+by default "torch": one tiny forward + backward of plain PyTorch ops, which loads the thread
+pools, the autograd engine and BLAS but nothing of the provider, so what the provider's first call
+imports -- torch._dynamo with sympy is ~140 MiB resident -- is counted; "op": one tiny call of the
+provider itself, which leaves that out; "none"), builds the inputs, reads its current RSS
 from /proc/self/statm (the baseline: inputs allocated, before the first call at this shape), then
 runs the op twice, dropping each call's output, and reads its peak RSS:
 op_peak_bytes = peak RSS over both calls - the baseline.  Counting from before the first call
@@ -41,6 +44,7 @@ import time
 import torch
 
 MMAP_THRESHOLD = 1 << 20  # glibc MALLOC_MMAP_THRESHOLD_ in the measuring child, see above
+WARMUPS = ("torch", "op", "none")  # what the measuring child runs before the inputs are built, see above
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -94,14 +98,18 @@ def measure_rss_growth(fn) -> dict:
     )
 
 
-def measure_cpu_op_memory(case_name: str, provider: str, mode: str, *, timeout: float = 1800) -> dict:
+def measure_cpu_op_memory(case_name: str, provider: str, mode: str, *, warmup: str = "torch",
+                          timeout: float = 1800) -> dict:
     """Peak RSS of two calls of (case, provider, mode) above the RSS before the first, measured in a
-    fresh Python process (`case_name`: a name in bench/_cases.py, or a JSON object of Case fields)."""
+    fresh Python process (`case_name`: a name in bench/_cases.py, or a JSON object of Case fields)
+    after the warm-up `warmup` (one of WARMUPS, see the module doc)."""
     from bench._environment import REPO_ROOT
 
+    if warmup not in WARMUPS:
+        raise ValueError(f"warmup must be one of {WARMUPS}, got {warmup!r}")
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
-    proc = subprocess.run([sys.executable, "-m", "bench._memory", case_name, provider, mode],
+    proc = subprocess.run([sys.executable, "-m", "bench._memory", case_name, provider, mode, warmup],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -137,20 +145,32 @@ def _child_main(argv) -> None:
     from bench._cases import CASES_BY_NAME, Case, input_bytes, make_inputs
     from bench._providers import make_step
 
-    case_name, provider, mode = argv
+    case_name, provider, mode, warmup = argv
     # A case name, or a JSON object of Case fields (a shape outside bench/_cases.py's CASES).
     case = Case(**json.loads(case_name)) if case_name.startswith("{") else CASES_BY_NAME[case_name]
     grad = mode == "fwdbwd"
-    # One tiny call first: same provider, mode, dtype and H; 2 rows of 4 positions, a small vocab.
+    # The tiny case: same dtype and H as the case; 2 rows of 4 positions, a small vocab.
     tiny = dataclasses.replace(case, rows=2, seq=4, vocab=min(case.vocab, 256))
-    make_step(provider, mode, make_inputs(tiny, requires_grad=grad), case.device, temperature=case.temperature)()
+    if warmup == "op":
+        make_step(provider, mode, make_inputs(tiny, requires_grad=grad), case.device, temperature=case.temperature)()
+    elif warmup == "torch":
+        _plain_torch_warmup(make_inputs(tiny, requires_grad=True))
     inputs = make_inputs(case, requires_grad=grad)
     step = make_step(provider, mode, inputs, case.device, temperature=case.temperature)
     result = measure_rss_two_calls(step)
     result["input_bytes"] = input_bytes(inputs)
     result["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     result["torch_num_threads"] = torch.get_num_threads()
+    result["warmup"] = warmup
     print(json.dumps(result))
+
+
+def _plain_torch_warmup(inputs: dict) -> None:
+    """One tiny forward + backward of plain PyTorch ops (matmul, log-softmax, gather, backward) on the
+    tiny case's inputs: thread pools, BLAS and the autograd engine loaded, nothing of any provider."""
+    h, w, y = inputs["hidden"], inputs["weight"], inputs["labels"]
+    logits = h.reshape(-1, h.shape[-1]) @ w.T
+    logits.float().log_softmax(-1).gather(1, y.reshape(-1, 1).clamp(min=0)).sum().backward()
 
 
 def measure_cuda_op_memory(step) -> dict:

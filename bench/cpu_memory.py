@@ -1,7 +1,9 @@
 """CPU memory and time of the op's forward + backward against naive PyTorch and PyTorch's chunked
-linear_cross_entropy, each run in a fresh process (bench/_memory.py): peak RSS over two calls counted
-from before the first call with the inputs allocated (the returned gradients included and reported
-apart), the second call timed. Writes the JSON that bench/results/*_loss-cpu-memory.json holds.
+linear_cross_entropy, each run in a fresh process (bench/_memory.py): after a warm-up of plain PyTorch
+(--warmup torch, the default: what each provider's first call imports is counted; --warmup op leaves
+it out), peak RSS over two calls counted from before the first call with the inputs allocated (the
+returned gradients included and reported apart), the second call timed. Writes the JSON that
+bench/results/*_loss-cpu-memory.json holds.
 
     OMP_NUM_THREADS=1 python -m bench.cpu_memory --out bench/results/HOST_DATE_loss-cpu-memory.json
     OMP_NUM_THREADS=1 python -m bench.cpu_memory --cases cpu_acceptance --runs 1 --out /tmp/m.json   # quicker
@@ -14,7 +16,7 @@ import statistics
 
 from bench._cases import CASES_BY_NAME
 from bench._environment import environment
-from bench._memory import measure_cpu_op_memory
+from bench._memory import WARMUPS, measure_cpu_op_memory
 
 MIB = 2**20
 
@@ -39,18 +41,20 @@ def main(argv=None) -> None:
     p.add_argument("--cases", nargs="*", default=["cpu_acceptance", "cpu_head"], choices=list(CASES_BY_NAME))
     p.add_argument("--providers", nargs="*", default=["fused", "naive", "torch-lce"])
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", default="torch", choices=WARMUPS)
     a = p.parse_args(argv)
-    doc = {"suite": "loss-cpu-memory", "environment": environment(), "mode": "fwdbwd",
+    doc = {"suite": "loss-cpu-memory", "environment": environment(), "mode": "fwdbwd", "warmup": a.warmup,
            "method": (measure_cpu_op_memory.__doc__ or "").strip(), "rows": [], "summary": []}
     for case in a.cases:
         for run in range(a.runs):  # interleaved: providers alternate within each run
             for provider in a.providers:
-                row = measure_cpu_op_memory(case, provider, "fwdbwd")
+                row = measure_cpu_op_memory(case, provider, "fwdbwd", warmup=a.warmup)
                 doc["rows"].append(dict(case=case, provider=provider, run=run, **row))
                 doc["summary"] = summarize(doc["rows"])
                 with open(a.out, "w") as f:
                     json.dump(doc, f, indent=1)
-                print(json.dumps(doc["summary"][-1]), flush=True)
+                print(json.dumps(next(row for row in doc["summary"]
+                                      if (row["case"], row["provider"]) == (case, provider))), flush=True)
 
 
 if __name__ == "__main__":

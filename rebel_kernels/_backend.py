@@ -39,7 +39,7 @@ def resolve(hidden: torch.Tensor) -> str:
     if choice == "torch":
         return "torch"
     if choice == "auto":
-        usable = triton_available() and hidden.is_cuda and hidden.dtype != torch.float64
+        usable = hidden.is_cuda and hidden.dtype != torch.float64 and triton_available()  # CPU: no triton import
         return "triton" if usable else "torch"
     if not triton_available():
         raise ValueError("REBEL_KERNELS_BACKEND='triton' but triton is not importable")

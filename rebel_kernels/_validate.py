@@ -41,6 +41,8 @@ def logit_transforms(logit_scale, softcap) -> tuple[float, float | None]:
 
 def unshard(name: str, value):
     """A DTensor weight must be gathered by the caller: a shard would silently give wrong logits."""
+    if type(value) in (torch.Tensor, torch.nn.Parameter):
+        return value  # plain: no need to import torch.distributed.tensor (and sympy) to know it
     try:
         from torch.distributed.tensor import DTensor, Replicate
     except ImportError:  # torch built without distributed

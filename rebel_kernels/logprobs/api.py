@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import _backend, _validate
-from . import ops  # noqa: F401  (registers torch.ops.rebel_kernels.token_logprobs, .pair_loss, ...)
+from . import ops  # registers torch.ops.rebel_kernels.token_logprobs, .pair_loss, ...
 
 
 def fused_token_logprobs(
@@ -53,7 +53,7 @@ def fused_token_logprobs(
     temperature = _validate.token_inputs(hidden, weight, labels, bias, temperature, ignore_index)
     logit_scale, softcap = _validate.logit_transforms(logit_scale, softcap)
     backend = _backend.resolve(hidden)
-    logp, _, entropy = torch.ops.rebel_kernels.token_logprobs(
+    logp, _, entropy = ops.call_token_logprobs(
         hidden, weight, bias, labels, temperature, int(ignore_index), bool(return_entropy), backend,
         logit_scale, softcap,
     )
@@ -103,10 +103,10 @@ def fused_rebel_loss(
     eta = _validate.loss_inputs(hidden, labels, old_logprobs, rewards, eta, reduction)
     logit_scale, softcap = _validate.logit_transforms(logit_scale, softcap)
     backend = _backend.resolve(hidden)
-    logp, _, _ = torch.ops.rebel_kernels.token_logprobs(
+    logp, _, _ = ops.call_token_logprobs(
         hidden, weight, bias, labels, temperature, int(ignore_index), False, backend, logit_scale, softcap,
     )
-    per_pair, _ = torch.ops.rebel_kernels.pair_loss(logp, labels, old_logprobs, rewards, eta, int(ignore_index),
+    per_pair, _ = ops.call_pair_loss(logp, labels, old_logprobs, rewards, eta, int(ignore_index),
                                                     backend)
     return _reduce(per_pair, reduction)
 
@@ -135,7 +135,7 @@ def rebel_loss_from_logprobs(
         raise ValueError(f"empty batch: labels has shape {tuple(labels.shape)}")
     eta = _validate.loss_inputs(logprobs[..., None], labels, old_logprobs, rewards, eta, reduction)
     backend = _backend.resolve(logprobs)
-    per_pair, _ = torch.ops.rebel_kernels.pair_loss(logprobs, labels, old_logprobs, rewards, eta,
+    per_pair, _ = ops.call_pair_loss(logprobs, labels, old_logprobs, rewards, eta,
                                                     int(ignore_index), backend)
     return _reduce(per_pair, reduction)
 

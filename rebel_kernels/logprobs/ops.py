@@ -47,8 +47,7 @@ def _out_dtype(hidden: Tensor):
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("rebel_kernels::token_logprobs", mutates_args=())
-def token_logprobs(
+def _token_logprobs_impl(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
     temperature: float, ignore_index: int, return_entropy: bool, backend: str,
     logit_scale: float = 1.0, softcap: float | None = None,
@@ -74,6 +73,9 @@ def token_logprobs(
     return logp, lse, ent if ent is not None else hidden.new_empty(0, dtype=logp.dtype)
 
 
+token_logprobs = torch.library.custom_op("rebel_kernels::token_logprobs", mutates_args=())(_token_logprobs_impl)
+
+
 @token_logprobs.register_fake
 def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, backend, logit_scale=1.0,
       softcap=None):
@@ -83,8 +85,7 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, b
     return logp, torch.empty_like(logp), ent
 
 
-@torch.library.custom_op("rebel_kernels::token_logprobs_backward", mutates_args=())
-def token_logprobs_backward(
+def _token_logprobs_backward_impl(
     grad: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, lse: Tensor,
     temperature: float, ignore_index: int, need_dh: bool, need_dw: bool, need_db: bool, backend: str,
     logit_scale: float = 1.0, softcap: float | None = None,
@@ -117,6 +118,10 @@ def token_logprobs_backward(
     return dh, dw, db
 
 
+token_logprobs_backward = torch.library.custom_op("rebel_kernels::token_logprobs_backward", mutates_args=())(
+    _token_logprobs_backward_impl)
+
+
 @token_logprobs_backward.register_fake
 def _(grad, hidden, weight, bias, labels, lse, temperature, ignore_index, need_dh, need_dw, need_db, backend,
       logit_scale=1.0, softcap=None):
@@ -140,7 +145,7 @@ def _token_backward(ctx, grad_logp, grad_lse, grad_entropy):
     need_db = need_db and bias is not None
     if grad_logp is None or not (need_dh or need_dw or need_db):
         return (None,) * 10
-    dh, dw, db = torch.ops.rebel_kernels.token_logprobs_backward(
+    dh, dw, db = _call(token_logprobs_backward, _token_logprobs_backward_impl)(
         grad_logp, hidden, weight, bias, labels, lse, temperature, ignore_index,
         need_dh, need_dw, need_db, backend, logit_scale, softcap,
     )
@@ -150,8 +155,7 @@ def _token_backward(ctx, grad_logp, grad_lse, grad_entropy):
 token_logprobs.register_autograd(_token_backward, setup_context=_token_setup)
 
 
-@torch.library.custom_op("rebel_kernels::pair_loss", mutates_args=())
-def pair_loss(
+def _pair_loss_impl(
     logp: Tensor, labels: Tensor, old_logprobs: Tensor, rewards: Tensor, eta: float, ignore_index: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
@@ -163,6 +167,9 @@ def pair_loss(
 
         return triton_kernels.pair_loss(logp.contiguous(), labels, old_logprobs, rewards, eta, ignore_index)
     return torch_impl.pair_loss(logp, valid, old_logprobs, rewards, eta)
+
+
+pair_loss = torch.library.custom_op("rebel_kernels::pair_loss", mutates_args=())(_pair_loss_impl)
 
 
 @pair_loss.register_fake
@@ -195,3 +202,68 @@ def _pair_backward(ctx, grad_loss, grad_err):
 
 
 pair_loss.register_autograd(_pair_backward, setup_context=_pair_setup)
+
+
+# The same ops as plain autograd.Functions, for eager calls on plain tensors (see `_plain`).
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(*inputs):
+        return _token_logprobs_impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1], output[2])  # lse and the entropy (detached by the API)
+        ctx.set_materialize_grads(False)
+        _token_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_lse, grad_entropy):
+        return _token_backward(ctx, grad_logp, grad_lse, grad_entropy)
+
+
+class _PairLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(*inputs):
+        return _pair_loss_impl(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])  # err, saved for the backward
+        ctx.set_materialize_grads(False)
+        _pair_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_err):
+        return _pair_backward(ctx, grad_loss, grad_err)
+
+
+def _plain(args) -> bool:
+    """Can this call skip torch.library's dispatcher? Yes in eager mode on plain CPU/CUDA tensors: the
+    dispatcher's Python entry imports torch._dynamo on the first call of any custom op (~140 MiB of
+    resident modules and seconds of import on CPU), which an eager user of the op should not pay.
+    torch.compile, functorch transforms, active dispatch modes, fake/meta tensors and tensor
+    subclasses (DTensor, ...) go through the registered ops, which run the same functions."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    return all(type(t) in (Tensor, torch.nn.Parameter) and t.device.type != "meta" for t in tensors)
+
+
+def _call(op, impl):
+    """A function of op's arguments that runs `impl` directly when `_plain`, else the registered op."""
+    def run(*args):
+        return impl(*args) if _plain(args) else op(*args)
+    return run
+
+
+def call_token_logprobs(*args):
+    """torch.ops.rebel_kernels.token_logprobs(*args), differentiable; without the dispatcher when `_plain`."""
+    return _TokenLogprobs.apply(*args) if _plain(args) else token_logprobs(*args)
+
+
+def call_pair_loss(*args):
+    """torch.ops.rebel_kernels.pair_loss(*args), differentiable; without the dispatcher when `_plain`."""
+    return _PairLoss.apply(*args) if _plain(args) else pair_loss(*args)
