@@ -16,7 +16,7 @@ cut short keeps what it measured and the next part still runs. In order of value
   generate     random Pythia-1.4B, 128 rows x 53 new tokens: our loop vs Hugging Face generate, tokens/s
   iteration    one REBEL iteration (random Pythia-1.4B, 128 prompts x 2 x 53 tokens, 4 epochs) per phase
                and peak memory: ours, ours with sharing/packing/folding off, TRL's RLOOTrainer k = 2
-               (bench/_iteration.py)
+               (bench/_iteration.py), and the run planner's prediction for ours (engine/plan/)
   tiles        the tile candidates bench/compile_check.py found spill-free, timed: the forward launcher
                (bf16, H 4096, V 128256, 8192 tokens, with and without entropy) and the Gumbel sampler
                (8 to 256 rows), the tile table's entry first
@@ -290,6 +290,12 @@ def part_iteration(rows: Rows, dry_run: bool) -> None:
                 rows.add(row)
         except Exception as e:
             rows.add(dict(provider=provider, case=case, status="error", error=f"{type(e).__name__}: {str(e)[-400:]}"))
+    try:  # the run planner's prediction beside the measured rows: the lend refits it (bench/plan_check.py --refit)
+        from bench import plan_check
+
+        rows.add(plan_check.predicted_row(case))
+    except Exception as e:
+        rows.add(dict(provider="planner", case=case, status="error", error=f"{type(e).__name__}: {str(e)[-400:]}"))
 
 
 PACKING_TESTS = ("tests/test_block_attention.py", "tests/test_packing.py", "tests/test_varlen.py",

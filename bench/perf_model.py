@@ -28,35 +28,18 @@ import argparse
 import dataclasses
 import math
 
+from engine.plan.devices import DEVICES as ALL_DEVICES
+from engine.plan.devices import Device
 from rebel_kernels.logprobs import plan as plan_mod
 
 L2_REUSE = 8  # tiles of the other operand served from L2 per HBM read (GROUP_M supergrouping)
 MIB = 2**20
 
 
-@dataclasses.dataclass(frozen=True)
-class Device:
-    name: str
-    bf16_tflops: float  # dense, datasheet
-    hbm_tbs: float  # datasheet
-    atomic_tbs: float  # float32 atomic read-modify-write throughput into HBM (estimate)
-    efficiency: float  # measured large-matmul fraction of bf16_tflops (one number per device)
-    launch_us: float = 5.0  # per kernel launch, host + device
+# The datasheet figures and measured-efficiency factors live with the run planner (engine/plan/devices.py),
+# which models a whole iteration on the same devices; this model covers the op's kernels.
+DEVICES = {kind: dev for kind, dev in ALL_DEVICES.items() if kind in ("h100", "h200", "a6000")}
 
-    @property
-    def matmul_tflops(self) -> float:
-        """The measured matmul peak: what "% of peak" is measured against."""
-        return self.bf16_tflops * self.efficiency
-
-
-DEVICES = {
-    # H100 SXM: 989 nominal, ~790 measured on 8192^3 bf16 (docs/design.md section 6); atomics 2.5-5 TB/s.
-    "h100": Device("H100 SXM", 989.0, 3.35, 3.5, 0.80),
-    # H200: H100's compute, 4.8 TB/s; 769-798 TFLOP/s measured here on 8192^3 bf16 (device KINDS.md).
-    "h200": Device("H200", 989.0, 4.8, 5.0, 0.80),
-    # RTX A6000: 155 dense bf16 (tensor cores, fp32 accumulate), 768 GB/s; efficiency not yet measured.
-    "a6000": Device("RTX A6000", 155.0, 0.768, 0.8, 0.80),
-}
 
 MODELS = {  # LM head shapes (H, V)
     "llama3_8b": (4096, 128256),

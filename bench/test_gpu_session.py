@@ -23,8 +23,9 @@ def test_dry_run_writes_each_part(tmp_path):
     assert {r["provider"] for r in generate["rows"]} == {"ours", "hf-dynamic"}
     iteration = json.loads((tmp_path / "iteration.json").read_text())
     by = {r["provider"]: r for r in iteration["rows"]}
-    assert set(by) == {"ours", "ours-off", "trl-rloo"}, iteration["rows"]
+    assert set(by) == {"ours", "ours-off", "trl-rloo", "planner"}, iteration["rows"]
     assert all("error" not in r and r["iteration_s"] > 0 for r in iteration["rows"]), iteration["rows"]
+    assert by["planner"]["peak_gib"] > 0 and by["planner"]["update_s"] > 0  # predicted beside measured
     tiles = json.loads((tmp_path / "tiles.json").read_text())
     assert {r["kernel"] for r in tiles["rows"]} == {"fwd", "sample"} and all(r["status"] == "ok" for r in tiles["rows"])
     assert len(list(tmp_path.iterdir())) <= 8  # the device returns at most 8 files

@@ -6,6 +6,7 @@ build a run, may swap a part (a checkpointer that writes nothing, say), and hand
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 
@@ -16,6 +17,7 @@ from engine import config as config_mod
 from engine.data import prompts
 from engine.data.rewards import build_feedback
 from engine.data.tasks import BUILTIN_MODELS
+from engine.evaluation.evaluator import Evaluator
 from engine.iteration.run import Run
 from engine.model import attention, forward, head, lora
 from engine.model.generate import Sampler, eos_token_ids
@@ -54,7 +56,7 @@ def _build(cfg: config_mod.TrainConfig, lock: guard.RunLock | None) -> Run:
         write_text_atomically(os.path.join(cfg.run_dir, "config.json"), config_mod.to_json(cfg))
     prec = precision.decide(cfg.model.dtype, d, activation_checkpointing=cfg.model.activation_checkpointing)
     policy, reference, tokenizer = load_models(cfg, d.device)
-    inference, policy_lp, reference_lp = _wrap_models(cfg, d, prec, policy, reference)
+    inference, policy_lp, reference_lp = wrap_models(cfg, d, prec, policy, reference)
     sampler = Sampler(inference, eos_ids=eos_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id)
     prompt_set = prompts.prepare(prompts.load_rows(cfg.data), tokenizer, cfg.data)
     order = prompts.PromptOrder(len(prompt_set.prompts), cfg.seed)
@@ -63,15 +65,19 @@ def _build(cfg: config_mod.TrainConfig, lock: guard.RunLock | None) -> Run:
     opt, sched = make_optimizer(cfg, [p for p in policy_lp.parameters() if p.requires_grad], steps)
     sample_gen = torch.Generator(device=d.device).manual_seed(cfg.seed * 1000 + d.rank)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+    metrics = _metrics_logger(cfg, d, start)
+    evaluator = Evaluator.build(cfg, tokenizer, d, feedback, keep_through=None if start is None else start + 1,
+                                tracker=metrics.tracker)
     return Run(cfg=cfg, dist=d, precision=prec, tokenizer=tokenizer, policy=policy, policy_lp=policy_lp,
                reference_lp=reference_lp, inference=inference, sampler=sampler, prompts=prompt_set, order=order,
                feedback=feedback, optimizer=opt, scheduler=sched, sample_generator=sample_gen,
                shuffle_generator=shuffle_gen, checkpointer=ckpt, resume_from=start,
-               metrics=_metrics_logger(cfg, d, start),
+               metrics=metrics,
                progress=Progress(cfg.optim.iterations, initial=0 if start is None else start + 1,
                                  enabled=cfg.logging.progress and d.is_main
                                  and (start is None or start + 1 < cfg.optim.iterations)),
-               timer=PhaseTimer(sync_cuda=d.device.type == "cuda"), config_changes=changes, lock=lock)
+               timer=PhaseTimer(sync_cuda=d.device.type == "cuda"), config_changes=changes, lock=lock,
+               evaluator=evaluator)
 
 
 class ConfigChanged(ValueError):
@@ -101,29 +107,13 @@ def check_resume_config(cfg: config_mod.TrainConfig, ckpt: Checkpointer, start: 
 def load_models(cfg: config_mod.TrainConfig, device):
     """(policy, reference, tokenizer), through from_pretrained, or the built-in tiny model. With LoRA
     the reference is None: log pi_ref is the policy with its adapters disabled (no second copy)."""
-    loading = attention.from_pretrained_kwargs(cfg.model, device)
-    if cfg.model.policy.startswith("builtin:"):
-        name = cfg.model.policy.split(":", 1)[1]
-        if name not in BUILTIN_MODELS:
-            raise ValueError(f"model.policy: unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
-        make_tokenizer, make_model = BUILTIN_MODELS[name]
-        tokenizer = make_tokenizer()
-        policy = make_model(tokenizer, seed=cfg.seed)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
-        policy = AutoModelForCausalLM.from_pretrained(cfg.model.policy, dtype=torch.float32, **loading)
+    policy, tokenizer = _load_lm(cfg, "policy", device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    attention.set_attention(policy, cfg.model)
     if cfg.model.lora_rank:
         policy, reference = lora.add_lora(policy, cfg.model), None
     elif cfg.model.reference:
-        from transformers import AutoModelForCausalLM
-
-        reference = AutoModelForCausalLM.from_pretrained(cfg.model.reference, dtype=torch.float32, **loading)
-        attention.set_attention(reference, cfg.model)
+        reference, _ = _load_lm(cfg, "reference", device)
     else:
         reference = copy.deepcopy(policy)
     # REBEL regresses onto exact log-ratios: no dropout anywhere (eval mode throughout).
@@ -134,6 +124,28 @@ def load_models(cfg: config_mod.TrainConfig, device):
         if lm is not None:
             head.check_against_model(lm)
     return policy, reference, tokenizer
+
+
+def _load_lm(cfg: config_mod.TrainConfig, key: str, device):
+    """(float32 causal LM, tokenizer) of model.`key` (policy or reference): a Hugging Face path / hub id
+    through from_pretrained, or builtin:NAME (random weights seeded by cfg.seed), with the configured
+    attention."""
+    spec = getattr(cfg.model, key)
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"model.{key}: unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
+        make_tokenizer, make_model = BUILTIN_MODELS[name]
+        tokenizer = make_tokenizer()
+        lm = make_model(tokenizer, seed=cfg.seed)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        lm = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32,
+                                                  **attention.from_pretrained_kwargs(cfg.model, device))
+    attention.set_attention(lm, cfg.model)
+    return lm, tokenizer
 
 
 def packing_mode(lm: nn.Module, cfg: config_mod.TrainConfig) -> tuple[bool, bool]:
@@ -149,7 +161,7 @@ def packing_mode(lm: nn.Module, cfg: config_mod.TrainConfig) -> tuple[bool, bool
     return True, cfg.train.shared_prefix
 
 
-def _wrap_models(cfg, d: parallel.Dist, prec: precision.Precision, policy: nn.Module, reference: nn.Module | None):
+def wrap_models(cfg, d: parallel.Dist, prec: precision.Precision, policy: nn.Module, reference: nn.Module | None):
     """(inference copy, trained log-prob module, reference log-prob module): the generation copy is
     taken before any freezing, checkpointing or sharding; then layers are frozen, checkpointed, sharded."""
     inference = copy.deepcopy(policy).to(prec.compute_dtype) if prec.separate_inference_copy else policy
@@ -195,5 +207,11 @@ def _metrics_logger(cfg: config_mod.TrainConfig, d: parallel.Dist, resume_from: 
     stale = os.path.join(cfg.run_dir, "metrics.jsonl")
     if resume_from is None and d.is_main and os.path.exists(stale):
         os.remove(stale)
+    tracker = None
+    if cfg.logging.wandb and d.is_main:
+        from engine.runtime.tracking import WandbTracker
+
+        tracker = WandbTracker(cfg.run_dir, project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name,
+                               config=json.loads(config_mod.to_json(cfg)), resume=resume_from is not None)
     return MetricsLogger(cfg.run_dir, tensorboard=cfg.logging.tensorboard, plots=cfg.logging.plots,
-                         is_main=d.is_main, resume_from=resume_from)
+                         is_main=d.is_main, resume_from=resume_from, tracker=tracker)

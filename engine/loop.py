@@ -1,8 +1,9 @@
 """The loop, top to bottom: resume, then per iteration
 
     sync the generation copy -> collect (engine/iteration/collect.py: generate, score, log pi_t /
-    log pi_ref, the algorithm's shaped reward) -> update (engine/iteration/update.py) -> log
-    (engine/runtime/metrics.py) -> checkpoint
+    log pi_ref, the algorithm's shaped reward) -> update (engine/iteration/update.py) -> evaluate when
+    due (engine/evaluation/: every eval.every iterations and after the last; the starting policy before
+    the first) -> log (engine/runtime/metrics.py) -> checkpoint
 
 and at the end plots, the final Hugging Face export and the process group's teardown.
 """
@@ -19,6 +20,7 @@ import time
 import torch
 
 from engine import config as config_mod
+from engine.evaluation.evaluator import Models
 from engine.iteration.collect import iteration_batch, rollout_stats
 from engine.iteration.run import Run
 from engine.iteration.update import update
@@ -100,6 +102,9 @@ def train(run: Run) -> Status:
     if status.already_finished:
         log.info("%s already finished (iteration %d of %d): nothing to do", run.cfg.run_dir, first,
                  run.cfg.optim.iterations)
+    if run.evaluator is not None and first == 0 and run.cfg.eval.before_training and not _Stop.requested(run.dist):
+        run.progress.phase("eval")
+        run.evaluator(Models.of(run), 0)  # the starting policy's row
     saved = _iterations(run, status, first)
     interrupted = _Stop.requested(run.dist)
     _Stop.uninstall()
@@ -225,6 +230,10 @@ def iteration(run: Run, status: Status, it: int) -> dict:
         _count(status, steps=0, skipped=1)
     if collected.generate_s is not None:
         stats |= rollout_stats(collected.monitor or batch, collected.generate_s, d, run.cfg.reward.kl_coef)
+    if run.evaluator is not None and run.evaluator.due(it + 1):
+        run.progress.phase("eval")
+        with run.timer("eval"):  # before this iteration's checkpoint: see engine/evaluation/records.py
+            run.evaluator(Models.of(run), it + 1)
     stats.update(run.timer.pop())
     stats.update(status.counters)
     stats["time/iteration"] = status.seconds["iteration"] = time.perf_counter() - t_iter
@@ -282,6 +291,8 @@ def finish(run: Run, export: bool = True) -> None:
     run.progress.close()
     if run.dist.is_main and run.cfg.logging.plots:
         run.metrics.plot()
+    if run.evaluator is not None:
+        run.evaluator.close(plot=run.cfg.logging.plots)
     run.metrics.close()
     if export and run.cfg.checkpoint.export_hf:
         saver = lora.adapter_saver(run.policy) if run.cfg.model.lora_rank else None

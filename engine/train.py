@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # `python engine/train.py` / `torchrun engine/tra
 
 from engine import config as config_mod
 from engine import loop
+from engine import plan as planner
 from engine.build import ConfigChanged, build
 from engine.runtime import guard
 from engine.runtime.checkpoint import CheckpointError, NonFiniteWeights
@@ -36,6 +37,9 @@ def _parse(argv: list[str]) -> tuple[config_mod.TrainConfig, argparse.Namespace]
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (--section.key value; defaults of --preset default):\n" + config_mod.help_text())
     parser.add_argument("--preset", default="default", choices=sorted(config_mod.PRESETS))
+    parser.add_argument("--plan", action="store_true",
+                        help="print the run's predicted memory per device and time per phase and exit, loading no "
+                             "model (--plan.gpus N --plan.device h100|h200|a100|a6000|cpu: see plan.* below)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per process (default: $REBEL_THREADS, else $OMP_NUM_THREADS when set "
                              "outside torchrun, else the usable cores / processes on this machine)")
@@ -69,22 +73,57 @@ def train(cfg: config_mod.TrainConfig) -> dict:
     return loop.train(build(cfg)).last
 
 
+def print_plan(cfg: config_mod.TrainConfig, preset: str) -> int:
+    """`--plan`: the table (engine/plan/), exit status 0; a config that cannot be planned: the reason, 2."""
+    try:
+        print(planner.render(planner.plan_run(cfg), preset), flush=True)
+    except ValueError as err:
+        print(f"engine/train.py: plan error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def check_plan(cfg: config_mod.TrainConfig, main_process: bool) -> None:
+    """A normal start: the one-line prediction for this launch's processes; a config predicted not to fit
+    stops here (exit 2, on every rank), before any model is loaded, unless --plan.refuse false."""
+    try:
+        predicted = planner.plan_run(cfg, world=int(os.environ.get("WORLD_SIZE", "1")),
+                                     gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError as err:
+        if main_process:
+            print(f"plan: not available ({err})", flush=True)
+        return
+    if main_process:
+        print(planner.one_line(predicted), flush=True)
+    if not predicted.fits and cfg.plan.refuse:
+        if main_process:
+            print(f"engine/train.py: {planner.refusal(predicted)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line: a config error is one line and exit status 2; a run that trained nothing
     (every update skipped) exits 1; SIGTERM / SIGINT exit 128 + the signal after a checkpoint."""
     try:
         cfg, args = _parse(sys.argv[1:] if argv is None else argv)
         threads, source = threads_per_process(args.threads)
+        if cfg.logging.wandb:
+            from engine.runtime.tracking import require_wandb
+
+            require_wandb()
     except ValueError as err:
         print(f"engine/train.py: config error: {err}", file=sys.stderr)
         sys.exit(2)
     import torch
 
     torch.set_num_threads(threads)
+    if args.plan:
+        sys.exit(print_plan(cfg, args.preset))
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         print(f"run directory: {os.path.abspath(cfg.run_dir)}\nthreads per process: {threads} ({source})",
               flush=True)
+    check_plan(cfg, main_process)
     guard.watch_parent(hard_exit_s=cfg.checkpoint.stop_grace_s + 30)  # under torchrun: exit with the launcher
     try:
         run = build(cfg)

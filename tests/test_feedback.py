@@ -98,7 +98,8 @@ def test_dpo_without_a_reward_does_not_sample(tmp_path):
         for row in counting_preference_pairs(16):
             f.write(json.dumps(row) + "\n")
     cfg = _dpo_cfg(tmp_path / "run", data=C.DataConfig(prompts=str(tmp_path / "prefs.jsonl"), chosen_column="chosen",
-                                                        rejected_column="rejected"))
+                                                        rejected_column="rejected"),
+                   eval=C.EvalConfig())  # nothing would score the preset's held-out responses
     stats = train(cfg)
     assert math.isfinite(stats["loss/last"]) and "time/generate" not in stats and "score/mean" not in stats
 

@@ -19,7 +19,10 @@ ALLOWED = {
     "data": {"config"},
     "model": {"config"},
     "iteration": {"model", "data", "runtime", "algorithms", "config"},
-    "top": {"iteration", "model", "data", "runtime", "algorithms", "config"},  # build, loop, train
+    "evaluation": {"iteration", "model", "data", "runtime", "algorithms", "config"},
+    "plan": {"config"},  # reads configs and the op's plan, loads no model
+    # build, loop, train
+    "top": {"evaluation", "iteration", "model", "data", "runtime", "algorithms", "config", "plan"},
 }
 
 

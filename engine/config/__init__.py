@@ -31,10 +31,12 @@ from .sections import (
     ATTENTION,
     CheckpointConfig,
     DataConfig,
+    EvalConfig,
     IterationConfig,
     LoggingConfig,
     ModelConfig,
     OptimConfig,
+    PlanConfig,
     RewardConfig,
     SamplingConfig,
     TrainConfig,
@@ -42,7 +44,7 @@ from .sections import (
 )
 
 __all__ = ["ALGORITHMS", "ATTENTION", "NOT_TRAJECTORY", "PRESETS", "RENAMED", "CheckpointConfig", "DataConfig",
-           "IterationConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "RewardConfig", "SamplingConfig",
-           "TrainConfig", "apply_overrides", "counting_lora", "counting_with", "default", "describe", "from_json",
-           "help_text", "pythia_1b4_random", "tldr_pythia", "to_json", "trajectory_changes",
+           "EvalConfig", "IterationConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "PlanConfig", "RewardConfig",
+           "SamplingConfig", "TrainConfig", "apply_overrides", "counting_lora", "counting_with", "default", "describe",
+           "from_json", "help_text", "pythia_1b4_random", "tldr_pythia", "to_json", "trajectory_changes",
            "ultrafeedback_dpo_llama3_8b", "ultrafeedback_llama3_8b", "validate"]

@@ -24,9 +24,9 @@ RENAMED = {"rebel.kl_coef": "reward.kl_coef", "rebel.prompts_per_iteration": "tr
 
 # Fields that do not change what is trained (where things go, what is shown, speed/memory knobs):
 # a resume may change them freely. Every other field differing from the checkpoint's stops a resume.
-NOT_TRAJECTORY = ("run_dir", "logging.", "checkpoint.", "generation.check_every", "generation.compact_finished",
-                  "generation.kv_budget_bytes", "train.micro_batch_prompts", "reward.batch_size",
-                  "model.activation_checkpointing")
+NOT_TRAJECTORY = ("run_dir", "logging.", "checkpoint.", "eval.", "plan.", "generation.check_every",
+                  "generation.compact_finished", "generation.kv_budget_bytes", "train.micro_batch_prompts",
+                  "reward.batch_size", "model.activation_checkpointing")
 
 
 def _field_types(obj) -> dict:

@@ -12,6 +12,7 @@ from engine.algorithms import DPO, RLOO, Algorithm, IterativeDPO, RebelPreferenc
 from .sections import (
     CheckpointConfig,
     DataConfig,
+    EvalConfig,
     IterationConfig,
     ModelConfig,
     OptimConfig,
@@ -22,8 +23,10 @@ from .sections import (
 
 
 def default() -> TrainConfig:
-    """The embedded default: a tiny random Llama learns the built-in counting task on CPU."""
-    return TrainConfig()
+    """The embedded default: a tiny random Llama learns the built-in counting task on CPU, evaluated
+    greedily on its held-out split (200 prompts with references) before training, every 50 iterations
+    and at the end."""
+    return TrainConfig(eval=EvalConfig(prompts="builtin:counting_eval", reference_column="reference", every=50))
 
 
 def tldr_pythia(size: str) -> TrainConfig:
@@ -37,6 +40,8 @@ def tldr_pythia(size: str) -> TrainConfig:
                             kl_coef=0.05),
         train=IterationConfig(prompts_per_iteration=512, num_epochs=4, minibatches=1, micro_batch_prompts=8),
         optim=OptimConfig(iterations=228, lr=3e-6, adam_eps=1e-5),
+        eval=EvalConfig(prompts="trl-lib/tldr", split="validation", reference_column="completion", temperature=0.01,
+                        every=25, max_prompts=512, batch_size=64),
     )
 
 
@@ -52,6 +57,8 @@ def ultrafeedback_llama3_8b() -> TrainConfig:
                             kl_coef=0.0),
         train=IterationConfig(prompts_per_iteration=32, num_epochs=1, micro_batch_tokens=6144, micro_batch_prompts=2),
         optim=OptimConfig(iterations=1000, lr=1e-7),
+        eval=EvalConfig(prompts="HuggingFaceH4/ultrafeedback_binarized", split="test_prefs", reference_column="chosen",
+                        temperature=0.01, every=100, max_prompts=256, batch_size=32),
     )
 
 
@@ -65,6 +72,7 @@ def ultrafeedback_dpo_llama3_8b() -> TrainConfig:
         model=ModelConfig(policy=base.model.policy, dtype="bfloat16", lora_rank=16, lora_alpha=32.0),
         data=dataclasses.replace(base.data, chosen_column="chosen", rejected_column="rejected"),
         reward=RewardConfig(kl_coef=0.0),  # offline: no reward model (none is loaded, nothing is sampled)
+        eval=EvalConfig(),  # nothing scores responses: evaluate with --eval.prompts ... --eval.judge pkg.mod:fn
         train=dataclasses.replace(base.train, prompts_per_iteration=64, num_epochs=1),
         optim=OptimConfig(iterations=950, lr=5e-6, warmup_iterations=10))
 

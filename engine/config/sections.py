@@ -150,10 +150,63 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation on held-out prompts (engine/evaluation/): one row of run_dir/eval.jsonl per evaluation."""
+
+    prompts: str | None = option(None, "held-out prompts: builtin:NAME, a datasets directory, *.jsonl / *.json, or "
+                                       "a hub dataset id (None: no evaluation)")
+    split: str = option("test", "split read (datasets directories and hub datasets)")
+    prompt_column: str | None = option(None, "the prompt column (None: data.prompt_column)")
+    reference_column: str | None = option(None, "the reference response (a human summary, the chosen answer): "
+                                                 "scored too, and the policy's win rate against it (optional)")
+    max_prompts: int = option(256, "the first this many prompts of the split (0: all)")
+    every: int = option(0, "iterations between evaluations (0: only before training and at the end)")
+    before_training: bool = option(True, "evaluate the starting policy (the row of iteration 0)")
+    temperature: float = option(0.0, "sampling temperature of the evaluation (0: greedy; the paper: 0.01); "
+                                     "the KL is taken at it (at 1 when greedy)")
+    max_new_tokens: int | None = option(None, "most tokens per response (None: generation.max_new_tokens)")
+    seed: int = option(0, "seeds the evaluation's sampling (its own stream: training's is untouched)")
+    batch_size: int = option(64, "prompts generated together (fixed groups: any process count gives the same rows)")
+    judge: str | None = option(None, "'package.module:function' (prompts, responses, others) -> P(response > "
+                                     "other), e.g. an LLM judge: the policy against the reference, both orders")
+    logged_samples: int = option(4, "samples shown in TensorBoard's text tab per evaluation")
+
+
+@dataclasses.dataclass(kw_only=True)
 class LoggingConfig:
     tensorboard: bool = option(True, "write TensorBoard scalars under run_dir/tensorboard")
     plots: bool = option(True, "write reward.png, kl.png, loss.png at the end")
     progress: bool = option(True, "show a progress bar (main process)")
+    wandb: bool = option(False, "mirror metrics, evaluation rows and samples tables to Weights & Biases (the "
+                                "wandb package; WANDB_MODE=offline works without network)")
+    wandb_project: str = option("rebel", "the wandb project")
+    wandb_run_name: str | None = option(None, "the wandb run's name (None: the run directory's name)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlanConfig:
+    """Planning a run before it starts (engine/plan/): `--plan` prints the predicted memory per device and time
+    per phase and exits; a normal start prints one line and refuses a config predicted not to fit."""
+
+    gpus: int = option(0, "processes to plan for (GPUs, or CPU processes); 0: this launch's ($WORLD_SIZE, else 1)")
+    gpus_per_node: int = option(8, "processes per node: collectives beyond one node run over the network")
+    device: str = option("auto", "h100 | h200 | a100 | a6000 | cpu (measured now); auto: this machine's")
+    memory_gib: float = option(0.0, "memory of one device in GiB (0: the device's own)")
+    link_gbs: float = option(0.0, "intra-node bandwidth per GPU in GB/s (0: the device's NVLink / PCIe)")
+    network_gbs: float = option(0.0, "inter-node bandwidth per GPU in GB/s (0: the device's default NIC)")
+    prompt_tokens: int = option(0, "mean prompt length assumed (0: the built-in set's, else data.max_prompt_tokens)")
+    response_tokens: int = option(0, "mean response length assumed (0: generation.max_new_tokens)")
+    refuse: bool = option(True, "a normal start stops (exit 2) when the predicted peak exceeds the device's memory")
+
+    def __post_init__(self):
+        for key in ("gpus", "prompt_tokens", "response_tokens"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"plan.{key} must be >= 0, got {getattr(self, key)!r}")
+        if self.gpus_per_node < 1:
+            raise ValueError(f"plan.gpus_per_node must be >= 1, got {self.gpus_per_node!r}")
+        for key in ("memory_gib", "link_gbs", "network_gbs"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                raise ValueError(f"plan.{key} must be finite and >= 0, got {getattr(self, key)!r}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -173,6 +226,8 @@ class TrainConfig:
     optim: OptimConfig = option(factory=OptimConfig)
     checkpoint: CheckpointConfig = option(factory=CheckpointConfig)
     logging: LoggingConfig = option(factory=LoggingConfig)
+    eval: EvalConfig = option(factory=EvalConfig)
+    plan: PlanConfig = option(factory=PlanConfig)
 
     def __post_init__(self):
         validate(self)
@@ -229,6 +284,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.reward.preference_model and cfg.reward.preference_function:
         raise ValueError("set at most one of reward.preference_model and reward.preference_function")
     _validate_feedback(cfg)
+    _validate_eval(cfg.eval)
     _validate_lora(cfg.model)
     if cfg.generation.greedy:
         raise ValueError("generation.temperature must be > 0: REBEL needs sampled responses")
@@ -269,6 +325,23 @@ def _validate_feedback(cfg: TrainConfig) -> None:
     if preference and not algo.needs_preferences:
         raise ValueError(f"reward.preference_model / reward.preference_function are read by RebelPreference, "
                          f"not {name}")
+
+
+def _validate_eval(ev: EvalConfig) -> None:
+    for key, value in {"eval.max_prompts": ev.max_prompts, "eval.every": ev.every, "eval.seed": ev.seed,
+                       "eval.temperature": ev.temperature, "eval.logged_samples": ev.logged_samples}.items():
+        if isinstance(value, bool) or not value >= 0:
+            raise ValueError(f"{key} must be >= 0, got {value!r}")
+    if ev.batch_size < 1:
+        raise ValueError(f"eval.batch_size must be >= 1, got {ev.batch_size!r}")
+    if ev.max_new_tokens is not None and ev.max_new_tokens < 1:
+        raise ValueError(f"eval.max_new_tokens must be >= 1 or None, got {ev.max_new_tokens!r}")
+    if ev.prompts is not None and not ev.prompts.strip():
+        raise ValueError("eval.prompts must name a dataset or be None")
+    if ev.judge is not None and ":" not in ev.judge:
+        raise ValueError(f"eval.judge must be 'package.module:function', got {ev.judge!r}")
+    if ev.judge is not None and ev.reference_column is None:
+        raise ValueError(f"eval.judge={ev.judge!r} compares the policy with the reference: set eval.reference_column")
 
 
 def _validate_lora(model: ModelConfig) -> None:

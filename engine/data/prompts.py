@@ -30,43 +30,46 @@ class Rows(list):
         self.where = where
 
 
-def _unknown_source(source: str, why: str) -> ValueError:
+def _unknown_source(source: str, why: str, section: str = "data") -> ValueError:
     accepted = "\n  ".join(ACCEPTED_SOURCES)
-    return ValueError(f"data.prompts {source!r}: {why}; accepted sources:\n  {accepted}")
+    return ValueError(f"{section}.prompts {source!r}: {why}; accepted sources:\n  {accepted}")
 
 
-def load_rows(cfg: DataConfig) -> list[dict]:
+def load_rows(cfg: DataConfig, section: str = "data") -> list[dict]:
     """The raw rows of the prompt dataset, through the ecosystem's own loaders. A line of a JSON-lines
-    file that is not UTF-8 or not JSON is skipped with a warning naming the file and the line."""
+    file that is not UTF-8 or not JSON is skipped with a warning naming the file and the line. Errors name
+    the config keys as `section`.prompts / `section`.split (the held-out set reads through here too)."""
     source = cfg.prompts
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name not in BUILTIN_DATASETS:
-            raise ValueError(f"data.prompts: unknown built-in dataset {name!r}; known: {sorted(BUILTIN_DATASETS)}")
+            raise ValueError(f"{section}.prompts: unknown built-in dataset {name!r}; known: {sorted(BUILTIN_DATASETS)}")
         return BUILTIN_DATASETS[name]()
     local = os.path.exists(source) or source.startswith(("/", "./", "../", "~")) or source.endswith((".jsonl", ".json"))
     if source.endswith((".jsonl", ".json")) and os.path.isfile(source):
         return _read_json_rows(source)
     if local and not os.path.isdir(source):
         why = "no such file or directory" if not os.path.exists(source) else "not a file type the engine reads"
-        raise _unknown_source(source, why)
+        raise _unknown_source(source, why, section)
     import datasets
 
     if os.path.isdir(source):
         try:
             loaded = datasets.load_from_disk(source)
         except FileNotFoundError as err:
-            raise _unknown_source(source, f"a directory, but not one written by save_to_disk ({err})") from None
+            raise _unknown_source(source, f"a directory, but not one written by save_to_disk ({err})",
+                                  section) from None
         if isinstance(loaded, datasets.DatasetDict):
             if cfg.split not in loaded:
-                raise ValueError(f"data.prompts {source!r} has no split {cfg.split!r} (data.split); it has "
+                raise ValueError(f"{section}.prompts {source!r} has no split {cfg.split!r} ({section}.split); it has "
                                  f"{sorted(loaded)}")
             loaded = loaded[cfg.split]
         return list(loaded)
     try:
         data = datasets.load_dataset(source, split=cfg.split)
     except Exception as err:  # the hub's many errors (not found, offline, bad split): one message that names it
-        raise _unknown_source(source, f"could not load it as a hub dataset ({type(err).__name__}: {err})") from err
+        raise _unknown_source(source, f"could not load it as a hub dataset ({type(err).__name__}: {err})",
+                              section) from err
     return list(data)
 
 

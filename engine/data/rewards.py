@@ -159,7 +159,11 @@ def function_name(fn) -> str:
     return repr(fn)
 
 
-def checked_output(out, count: int, fn, *, what: str, unit: str, inputs: str, device) -> torch.Tensor:
+SKIPS_UPDATE = "this iteration's update is skipped"  # what non-finite feedback means in training
+
+
+def checked_output(out, count: int, fn, *, what: str, unit: str, inputs: str, device,
+                   if_non_finite: str = SKIPS_UPDATE) -> torch.Tensor:
     """A reward's or preference model's output as float32 [count] on device. Anything but a list/tuple of
     real numbers, a 1-D array or tensor of reals (one per input, [count, 1] accepted) is an error naming
     the function; non-finite values are kept (the loop skips the iteration) and warned about."""
@@ -189,26 +193,28 @@ def checked_output(out, count: int, fn, *, what: str, unit: str, inputs: str, de
     tensor = tensor.to(device=device, dtype=torch.float32)
     bad = ~torch.isfinite(tensor)
     if bool(bad.any()):
-        log.warning("%s %s returned %d non-finite %s of %d (first at input %d): this iteration's update is skipped",
-                    what, name, int(bad.sum()), unit, count, int(bad.nonzero()[0, 0]))
+        log.warning("%s %s returned %d non-finite %s of %d (first at input %d): %s", what, name, int(bad.sum()),
+                    unit, count, int(bad.nonzero()[0, 0]), if_non_finite)
     return tensor
 
 
-def score(reward: RewardFn, prompts: list[str], responses: list[str], device) -> torch.Tensor:
+def score(reward: RewardFn, prompts: list[str], responses: list[str], device, *,
+          if_non_finite: str = SKIPS_UPDATE) -> torch.Tensor:
     """Call the reward and return float32 scores on device; a wrong type or count is an error naming it."""
     return checked_output(reward(prompts, responses), len(prompts), reward, what="the reward", unit="scores",
-                          inputs="responses", device=device)
+                          inputs="responses", device=device, if_non_finite=if_non_finite)
 
 
-def preferences(prefer, prompts: list[str], responses: list[str], others: list[str], device) -> torch.Tensor:
+def preferences(prefer, prompts: list[str], responses: list[str], others: list[str], device, *,
+                what: str = "the preference model", if_non_finite: str = SKIPS_UPDATE) -> torch.Tensor:
     """Call the preference model: float32 [n] P(responses[j] > others[j] | prompts[j]) on device.
     A wrong type or count, or a finite value outside [0, 1], is an error naming the function (non-finite
-    ones are the loop's to skip)."""
-    out = checked_output(prefer(prompts, responses, others), len(prompts), prefer, what="the preference model",
-                         unit="probabilities", inputs="pairs", device=device)
+    ones are the loop's to skip); `what` names its role (the preference model, the judge)."""
+    out = checked_output(prefer(prompts, responses, others), len(prompts), prefer, what=what,
+                         unit="probabilities", inputs="pairs", device=device, if_non_finite=if_non_finite)
     finite = out[torch.isfinite(out)]
     if finite.numel() and not bool(((finite >= 0) & (finite <= 1)).all()):
-        raise ValueError(f"the preference model {function_name(prefer)} must return probabilities in [0, 1], got "
+        raise ValueError(f"{what} {function_name(prefer)} must return probabilities in [0, 1], got "
                          f"min {finite.min().item()} max {finite.max().item()}")
     return out
 def apply_eos_rule(prefs: torch.Tensor, finished: torch.Tensor, anchor_finished: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,20 @@ def counting_long_prompts(n: int = 2000, seed: int = 1234) -> list[dict]:
     return counting_prompts(n, seed, lengths=(64, 256))
 
 
+def counting_eval(n: int = 200, seed: int = 98765) -> list[dict]:
+    """The counting task's held-out split: rows {"prompt", "reference"}. Prompts of 2 to 7 digits from
+    another seed (training draws 2 to 5, so lengths 6 and 7 were never trained on; the shorter ones are
+    the same 40 possible prompts), each with a terse human's reference answer: the first 1 to 4 digits
+    of the count (uniform), scoring 1/4 to 1 under `counting_reward`."""
+    rng = random.Random(seed + 1)
+    rows = []
+    for row in counting_prompts(n, seed, lengths=(2, 7)):
+        last = int(row["prompt"][-1])
+        digits = rng.randint(1, TARGET_DIGITS)
+        rows.append({"prompt": row["prompt"], "reference": "".join(str((last + 1 + k) % 10) for k in range(digits))})
+    return rows
+
+
 def counting_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """Score in [-1, 1]: +1/4 per leading digit that continues the count, -1/4 per other character or
     per character beyond four; an empty response scores -1/2 (saying nothing is worse than a wrong guess)."""
@@ -149,7 +163,7 @@ def counting_preference(prompts: list[str], responses: list[str], others: list[s
 
 
 BUILTIN_DATASETS = {"counting": counting_prompts, "counting_preferences": counting_preference_pairs,
-                    "counting_long": counting_long_prompts}
+                    "counting_long": counting_long_prompts, "counting_eval": counting_eval}
 BUILTIN_REWARDS = {"counting": counting_reward, "counting_preferences": counting_reward,  # by dataset name
                    "counting_long": counting_reward}
 BUILTIN_PREFERENCES = {"counting": counting_preference, "counting_preferences": counting_preference,

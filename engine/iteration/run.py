@@ -3,6 +3,7 @@ loop."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,3 +51,4 @@ class Run:
     timer: PhaseTimer
     config_changes: list = dataclasses.field(default_factory=list)  # (key, old, new) accepted on resume
     lock: RunLock | None = None  # the run directory's lock (main process), released by the loop's finish
+    evaluator: Any = None  # engine.evaluation.Evaluator (built above this folder), None without eval.prompts

@@ -85,3 +85,15 @@ def adapter_saver(lm: nn.Module):
         lm.peft_config["default"].save_pretrained(directory)
 
     return save
+
+
+def load_adapter(lm: nn.Module, directory: str) -> None:
+    """Load an adapter written by `adapter_saver` into `lm` (which `add_lora` gave the same adapters)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(lm, {k.removeprefix("base_model.model."): v for k, v in weights.items()})
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"{directory}: adapter weights that match no adapter of the model: {missing[:5]}")

@@ -44,7 +44,7 @@ _POSTFIX_KEYS = {"reward/mean": "reward", "kl/mean": "kl", "loss/last": "loss", 
 # metrics.jsonl
 
 
-def _to_json_value(key: str, value: Any) -> int | float | None:
+def json_value(key: str, value: Any) -> int | float | None:
     """An int stays an int; anything else float()-able (float, 0-dim tensor, numpy scalar) becomes a
     float, and a non-finite float becomes None (JSON null)."""
     if isinstance(value, bool):
@@ -62,7 +62,7 @@ def _to_json_value(key: str, value: Any) -> int | float | None:
     return number if math.isfinite(number) else None
 
 
-def _parse_lines(path: str) -> list[dict]:
+def parse_jsonl(path: str) -> list[dict]:
     """Rows of a metrics file. A last line cut short by a crash mid-write is dropped with a
     warning; any other line that is not a JSON object is a ValueError naming file and line."""
     with open(path, encoding="utf-8") as f:
@@ -90,10 +90,10 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no metrics file at {path}")
-    return _parse_lines(path)
+    return parse_jsonl(path)
 
 
-def _write_rows_atomically(path: str, rows: list[dict]) -> None:
+def write_jsonl_atomically(path: str, rows: list[dict]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
@@ -114,10 +114,10 @@ def _prepare_metrics_file(path: str, resume_from: int | None) -> None:
         complete = size == 0 or f.read(1) == b"\n"
     if resume_from is None and complete:
         return
-    rows = _parse_lines(path)
+    rows = parse_jsonl(path)
     if resume_from is not None:
         rows = [row for row in rows if row["iteration"] <= resume_from]
-    _write_rows_atomically(path, rows)
+    write_jsonl_atomically(path, rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,10 +140,11 @@ class MetricsLogger:
     than 0) every method is a no-op and nothing is created on disk."""
 
     def __init__(self, run_dir: str, *, tensorboard: bool = True, plots: bool = True, is_main: bool = True,
-                 resume_from: int | None = None):
+                 resume_from: int | None = None, tracker=None):
         if resume_from is not None and resume_from < 0:
             raise ValueError(f"resume_from must be >= 0 or None, got {resume_from!r}")
         self.run_dir = run_dir
+        self.tracker = tracker  # engine/runtime/tracking.py (wandb), mirrors each row; None: none
         self.path = os.path.join(run_dir, METRICS_FILE)
         self.is_main = is_main
         self.plots = plots
@@ -169,7 +170,7 @@ class MetricsLogger:
         for key in _RESERVED_KEYS:
             if key in metrics:
                 raise ValueError(f"metric name {key!r} is reserved (it is written by the logger)")
-        values = {key: _to_json_value(key, value) for key, value in metrics.items()}
+        values = {key: json_value(key, value) for key, value in metrics.items()}
         row = {"iteration": int(iteration), "time": time.time(), **values}
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
@@ -178,6 +179,8 @@ class MetricsLogger:
                 if value is not None:
                     self._writer.add_scalar(key, value, int(iteration))
             self._writer.flush()
+        if self.tracker is not None:
+            self.tracker.log(int(iteration), values)
 
     def plot(self) -> list[str]:
         """PNGs in run_dir from metrics.jsonl: reward.png, kl.png and loss.png, each when its metrics
@@ -197,6 +200,9 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -252,7 +258,7 @@ def _plot_reward(rows: list[dict], path: str) -> bool:
     return True
 
 
-def _plot_lines(rows: list[dict], keys: list[str], title: str, ylabel: str, path: str) -> bool:
+def plot_lines(rows: list[dict], keys: list[str], title: str, ylabel: str, path: str) -> bool:
     series = {key: _series(rows, key) for key in keys}
     if not any(its for its, _ in series.values()):
         return False
@@ -261,6 +267,29 @@ def _plot_lines(rows: list[dict], keys: list[str], title: str, ylabel: str, path
         if its:
             ax.plot(its, values, marker=".", label=key)
     ax.legend()
+    _save_figure(fig, path)
+    return True
+
+
+def plot_panels(rows: list[dict], panels: list[tuple[str, list[str]]], title: str, path: str) -> bool:
+    """One PNG of side-by-side panels (panel title, metric keys) against the iteration, panels without
+    values left out; False when none has any."""
+    drawn = [(name, keys) for name, keys in panels if any(_series(rows, key)[0] for key in keys)]
+    if not drawn:
+        return False
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.0 * len(drawn), 3.6), layout="constrained")
+    fig.suptitle(title)
+    for ax, (name, keys) in zip(fig.subplots(1, len(drawn), squeeze=False)[0], drawn):
+        ax.set_title(name)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        for key in keys:
+            its, values = _series(rows, key)
+            if its:
+                ax.plot(its, values, marker=".", label=key)
+        ax.legend()
     _save_figure(fig, path)
     return True
 
@@ -281,11 +310,11 @@ def write_plots(run_dir: str, rows: list[dict]) -> list[str]:
     if _plot_reward(rows, path):
         written.append(path)
     path = os.path.join(run_dir, "kl.png")
-    if _plot_lines(rows, ["kl/mean"], "KL to the reference", "kl", path):
+    if plot_lines(rows, ["kl/mean"], "KL to the reference", "kl", path):
         written.append(path)
     has_loss = all(any(row.get(key) is not None for row in rows) for key in ("loss/first", "loss/last"))
     path = os.path.join(run_dir, "loss.png")
-    if has_loss and _plot_lines(rows, ["loss/first", "loss/last"], "REBEL loss (first / last step)", "loss", path):
+    if has_loss and plot_lines(rows, ["loss/first", "loss/last"], "REBEL loss (first / last step)", "loss", path):
         written.append(path)
     return written
 
