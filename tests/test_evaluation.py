@@ -82,6 +82,20 @@ def test_batches_do_not_depend_on_the_process_count():
     assert sorted(heldout.shard(batches, 0, 1)) == [0, 1, 2]
 
 
+def test_samples_reach_tensorboard(tmp_path):
+    from engine.evaluation.records import EvalLog, markdown_table
+
+    records = [_record(0, 1.0, 0.5, 0.2, 4, True), _record(1, 0.5, 0.5, float("nan"), 3, False)]
+    table = markdown_table(records)
+    assert table.splitlines()[0].startswith("| # | prompt | response | reference |") and "| 1 | p | r | x |" in table
+    log = EvalLog(str(tmp_path), is_main=True, keep_through=None, tensorboard=True, logged_samples=1)
+    log.write(0, summarize(records), records)
+    log.close()
+    assert os.listdir(tmp_path / "tensorboard" / "eval")  # the event file
+    with open(samples_path(str(tmp_path), 0)) as f:
+        assert json.loads(f.readlines()[1])["kl"] is None  # NaN is written as null
+
+
 def test_counting_eval_split():
     from engine.data.tasks import counting_eval, counting_reward
 
@@ -185,6 +199,22 @@ def test_standalone_final_checkpoint_model_and_two_processes(tmp_path):
     (row,) = _rows_without_time(tmp_path / "two" / "final")
     for key in METRIC_KEYS:
         assert row[key] == pytest.approx(in_run[2][key], rel=1e-5, abs=1e-6), key
+
+
+def test_standalone_lora_adapter_export(tmp_path):
+    """A LoRA run's final export is the adapter: evaluated on the starting model with it loaded, it gives the
+    run's own last row (the reference being the adapter off)."""
+    base = eval_cfg(tmp_path / "run", iterations=2)
+    lora = C.PRESETS["counting_lora"]()
+    cfg = dataclasses.replace(base, model=lora.model, optim=dataclasses.replace(base.optim, lr=lora.optim.lr))
+    loop_train(build(cfg))
+    assert os.path.exists(os.path.join(cfg.run_dir, "final", "adapter_config.json"))
+    out = _evaluate("--run_dir", cfg.run_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = _rows_without_time(os.path.join(cfg.run_dir, "evaluate", "final"))
+    last = _rows_without_time(cfg.run_dir)[-1]
+    for key in METRIC_KEYS:
+        assert row[key] == pytest.approx(last[key], rel=1e-5, abs=1e-6), key
 
 
 def test_standalone_hf_model_directory(tmp_path):
