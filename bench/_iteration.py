@@ -55,7 +55,7 @@ class IterCase:
 
 
 _QUIET = (("checkpoint.every", "0"), ("checkpoint.export_hf", "false"), ("logging.tensorboard", "false"),
-          ("logging.plots", "false"), ("logging.progress", "false"))
+          ("logging.plots", "false"), ("logging.progress", "false"), ("eval.prompts", "none"))  # the iteration alone
 CASES = {c.name: c for c in (
     # CPU, seconds: the tiny random Llama on the counting task, 16 prompts x 2 samples x 8 new tokens; one
     # thread (tiny ops gain nothing from more, and it keeps a busy 2-core CI machine from oversubscribing).

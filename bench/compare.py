@@ -43,7 +43,8 @@ def overrides(preset: str, run_dir: str, iterations: int) -> list[tuple[str, str
     prompts = prompts_per_iteration(C.PRESETS[preset]().algorithm)
     return [("run_dir", os.path.join(run_dir, preset)), ("train.prompts_per_iteration", str(prompts)),
             ("optim.iterations", str(iterations)), ("logging.tensorboard", "false"),
-            ("logging.progress", "false"), ("checkpoint.every", "0"), ("checkpoint.export_hf", "false")]
+            ("logging.progress", "false"), ("checkpoint.every", "0"), ("checkpoint.export_hf", "false"),
+            ("eval.prompts", "none")]  # training alone: its wall time and feedback queries, as measured
 
 
 def run(preset: str, run_dir: str, iterations: int) -> tuple[C.TrainConfig, float]:
