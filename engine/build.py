@@ -131,6 +131,7 @@ def _load_lm(cfg: config_mod.TrainConfig, key: str, device):
     through from_pretrained, or builtin:NAME (random weights seeded by cfg.seed), with the configured
     attention."""
     spec = getattr(cfg.model, key)
+    loading = attention.from_pretrained_kwargs(cfg.model, device)  # checks the attention on this machine too
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name not in BUILTIN_MODELS:
@@ -142,8 +143,7 @@ def _load_lm(cfg: config_mod.TrainConfig, key: str, device):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(spec)
-        lm = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32,
-                                                  **attention.from_pretrained_kwargs(cfg.model, device))
+        lm = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, **loading)
     attention.set_attention(lm, cfg.model)
     return lm, tokenizer
 
