@@ -140,7 +140,8 @@ def evaluate(cfg: config_mod.TrainConfig, target: Target, out_dir: str) -> dict:
                     reference_lp=reference_lp, feedback=feedback)
     row = evaluator(models, target.completed)
     evaluator.close(plot=False)
-    if d.sharded:
+    if d.sharded:  # every rank leaves together: none tears its process group down under another's feet
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return row
 
