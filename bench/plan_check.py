@@ -24,6 +24,7 @@ import tempfile
 
 from bench import _iteration
 from bench._environment import REPO_ROOT, environment
+from bench._memory import MMAP_THRESHOLD
 
 MARK = "PLAN_CHECK "
 PHASES = ("generate", "score", "logprobs", "update", "sync")
@@ -39,12 +40,12 @@ CASES = {c.name: c for c in (
     # short prompts, many of them: the 32k head, activation checkpointing (so a separate generation copy)
     _iteration.IterCase("checkpointed-32k", "default", (
         ("model.policy", "builtin:llama-32k-random"), ("model.activation_checkpointing", "true"),
-        ("train.prompts_per_iteration", "32"), ("train.num_epochs", "2"), ("generation.max_new_tokens", "16"),
+        ("train.prompts_per_iteration", "32"), ("train.num_epochs", "1"), ("generation.max_new_tokens", "16"),
         ("generation.min_new_tokens", "16")), cuda=False, timeout_s=200, threads=1),
     # LoRA (no reference copy) on padded rows (packing off), long prompts
     _iteration.IterCase("lora-padded", "default", (
         *_LONG, ("model.lora_rank", "8"), ("train.prompts_per_iteration", "8"), ("train.micro_batch_tokens", "0"),
-        ("train.shared_prefix", "false"), ("train.num_epochs", "2"), ("generation.max_new_tokens", "12"),
+        ("train.shared_prefix", "false"), ("train.num_epochs", "1"), ("generation.max_new_tokens", "12"),
         ("generation.min_new_tokens", "12")), cuda=False, timeout_s=200, threads=1),
 )}
 
@@ -85,10 +86,23 @@ def predicted_row(case_name: str, iterations: int = 2) -> dict:
     return {"case": case_name, "provider": "planner", **planned(case, iterations, dev)}
 
 
-def measure(name: str, iterations: int) -> dict:
-    """The case run in a fresh process: its steady iteration's phases and the process's peak RSS."""
+def measure(name: str, iterations: int, timed: bool = True) -> dict:
+    """The case in fresh processes: the steady iteration's phases (glibc's default allocator, what a run
+    gets), and the peak RSS of a one-iteration run whose blocks of 1 MiB or more are mmap'ed and returned
+    when freed (MALLOC_MMAP_THRESHOLD_, as bench/_memory.py measures CPU memory: RSS then follows the live
+    tensors, not what the allocator keeps of freed ones; the default allocator's peak is kept beside it).
+    `timed` False: the memory run only (its phases are a first iteration's)."""
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+    live = _run_child(name, 1, {"MALLOC_MMAP_THRESHOLD_": threshold})
+    if not timed:
+        return {**live, "peak_gib_default_allocator": None}
+    steady = _run_child(name, iterations, {})
+    return {**steady, "peak_gib": live["peak_gib"], "peak_gib_default_allocator": steady["peak_gib"]}
+
+
+def _run_child(name: str, iterations: int, env: dict) -> dict:
     case = CASES[name]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(case.threads or 1)}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(case.threads or 1), **env}
     proc = subprocess.run([sys.executable, "-m", "bench.plan_check", "--child", name, "--iterations", str(iterations)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=case.timeout_s)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
@@ -124,40 +138,58 @@ def compare(predicted: dict, measured: dict) -> dict:
     return err
 
 
-def check(names=tuple(CASES), iterations: int = 2) -> dict:
-    """Every case measured and predicted (the CPU measured once, here, with one thread)."""
+def check(names=tuple(CASES), iterations: int = 2, timed: bool = True) -> dict:
+    """Every case measured and predicted (the CPU measured once, here, with one thread); `timed` False:
+    memory and token positions only (one run per case, see `measure`)."""
     from engine import plan
 
+    load = os.getloadavg()  # another process on the cores slows every phase (and the matmul measured here)
     dev = plan.measure_cpu(threads=1)
     out = {}
     for name in names:
-        measured = measure(name, iterations)
+        measured = measure(name, iterations, timed)
         predicted = planned(CASES[name], iterations, dev)
         out[name] = {"measured": measured, "predicted": predicted, "error": compare(predicted, measured)}
     return {"suite": "plan-check", "environment": environment(), "iterations": iterations,
-            "cpu": {"tflops": dev.bf16_tflops, "copy_tbs": dev.hbm_tbs}, "cases": out}
+            "load_average_before_after": [load[0], os.getloadavg()[0]],
+            "cpu": {"tflops": dev.bf16_tflops, "copy_tbs": dev.hbm_tbs}, "cases": out, "rows": summary_rows(out)}
+
+
+def summary_rows(cases: dict) -> list[dict]:
+    """One row per case, measured beside predicted (what bench/report.py tabulates)."""
+    rows = []
+    for name, r in cases.items():
+        m, p = r["measured"], r["predicted"]
+        rows.append({"case": name, "peak_gib_measured": m["peak_gib"], "peak_gib_predicted": p["peak_gib"],
+                     "peak_error": p["peak_gib"] / m["peak_gib"] - 1, "iteration_s_measured": m["iteration_s"],
+                     "iteration_s_predicted": p["iteration_s"],
+                     "iteration_error": p["iteration_s"] / m["iteration_s"] - 1})
+    return rows
 
 
 def fit(result: dict) -> dict:
-    """The CPU's fixed costs (engine/plan/devices.py OVERHEADS, microseconds) that best explain the measured
-    phases of `result` (a `check`): least squares on relative error, measured - roofline = calls . costs,
-    over every phase above 5% of its iteration."""
+    """The CPU's constants (engine/plan/devices.py) that best explain the measured phases of `result` (a
+    `check`): measured = roofline / (efficiency factor) + calls . fixed costs, non-negative least squares on
+    relative error over every phase above 5% of its iteration; the runtime's resident memory from the default
+    case (a tiny model: its peak is almost all runtime), so the other three cases test memory out of sample."""
     import numpy as np
 
-    from engine.plan.devices import OVERHEADS
+    from engine.plan import devices
 
     rows, rhs = [], []
     for r in result["cases"].values():
         m, p = r["measured"], r["predicted"]
         for phase in PHASES:
             if m[f"{phase}_s"] >= 0.05 * m["iteration_s"]:
-                weight = 1 / m[f"{phase}_s"]
-                rows.append([c * 1e-6 * weight for c in p["calls"][phase]])
-                rhs.append((m[f"{phase}_s"] - p["roofline_s"][phase]) * weight)
-    costs = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)[0]
-    out = {name: round(max(float(c), 0.0), 1) for name, c in zip(OVERHEADS, costs)}
-    # the runtime's resident memory: the default case's peak less what the planner counts besides it (a tiny
-    # model: almost nothing), so the other three cases check the memory model out of sample
+                roof = p["roofline_s"][phase]
+                x = [roof, 0.0] if phase != "generate" else [0.0, roof]
+                rows.append([v / m[f"{phase}_s"] for v in x + [c * 1e-6 for c in p["calls"][phase]]])
+                rhs.append(1.0)
+    sol = _nnls(np.array(rows), np.array(rhs))
+    names = ("pass_efficiency", "generation_efficiency")
+    out = {name: round(float(devices.CPU_EFFICIENCY[name] / sol[i]), 3) if sol[i] > 0 else None
+           for i, name in enumerate(names)}
+    out |= {name: round(float(c), 1) for name, c in zip(devices.OVERHEADS, sol[2:])}
     default = result["cases"].get("default")
     if default:
         p = default["predicted"]
@@ -165,22 +197,41 @@ def fit(result: dict) -> dict:
     return out
 
 
+def _nnls(a, b):
+    """min ||a x - b|| with x >= 0: least squares, dropping the most negative coefficient until none is."""
+    import numpy as np
+
+    keep = list(range(a.shape[1]))
+    while True:
+        sol = np.linalg.lstsq(a[:, keep], b, rcond=None)[0]
+        if (sol >= 0).all():
+            break
+        keep.pop(int(np.argmin(sol)))
+    out = np.zeros(a.shape[1])
+    out[keep] = sol
+    return out
+
+
 def refit(path: str) -> dict:
-    """From a GPU session's iteration.json: per phase measured / predicted (ours, the steady iteration)
-    and the efficiency that would have predicted the update (compute-bound) exactly."""
+    """From a GPU session's iteration.json: per phase measured / predicted (ours, the steady iteration), the
+    peak against the planner's (less the runtime on a GPU: max_memory_allocated does not see the CUDA
+    context), and the factors (engine/plan/devices.py) that would have predicted the update and the
+    generation exactly."""
     from engine import plan
 
     rows = json.load(open(path))["rows"]
-    ours = [r for r in rows if r.get("provider") == "ours"]
+    steady = [r for r in rows if r.get("provider") == "ours"][-1]
     pred = next(r for r in rows if r.get("provider") == "planner")
-    steady = ours[-1]
     ratios = {p: steady[f"{p}_s"] / pred[f"{p}_s"] for p in PHASES if steady.get(f"{p}_s") and pred.get(f"{p}_s")}
     kind = plan.kind_of(pred["device_model"])
-    current = plan.DEVICES[kind].efficiency if kind in plan.DEVICES else None
-    ratios["peak_memory"] = steady["peak_gib"] / pred["peak_allocated_gib"]
-    return {"device": pred["device_model"], "measured_over_predicted": ratios,
-            "efficiency_now": current,
-            "efficiency_refit": current / ratios["update"] if current and "update" in ratios else None}
+    dev = plan.DEVICES.get(kind)
+    ratios["peak_memory"] = steady["peak_gib"] / pred["peak_allocated_gib" if dev else "peak_gib"]
+    out = {"device": pred["device_model"], "measured_over_predicted": ratios}
+    if dev:
+        for factor, phase in (("pass_efficiency", "update"), ("generation_efficiency", "generate")):
+            if phase in ratios:
+                out[factor] = {"now": getattr(dev, factor), "refit": getattr(dev, factor) / ratios[phase]}
+    return out
 
 
 # The paper's presets on H100s (the README's "Planning a run"): (preset, GPUs, overrides)

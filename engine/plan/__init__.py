@@ -1,7 +1,8 @@
 """Plan a run before it starts: predicted memory per device (by part, under FSDP2) and time per phase of
 one iteration, for any config on 1 to 64 GPUs of a known kind (devices.py) or this CPU, from the config,
 the model's config.json (or a built-in table of architectures) and the fused op's plan. Never loads
-weights; imports no model code (torch only for the CPU's measured rates).
+weights and imports no model code (torch comes in with rebel_kernels, whose plan module sizes the op's
+working memory, and measures the CPU's rates).
 
     python engine/train.py --preset tldr_pythia_6b9 --plan --plan.gpus 8 --plan.device h100
 

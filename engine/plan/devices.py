@@ -28,6 +28,11 @@ class Device:
     hbm_tbs: float  # datasheet memory bandwidth (CPU: measured copy rate)
     atomic_tbs: float = 0.0  # float32 atomic read-modify-write throughput into HBM (estimate; the op's model)
     efficiency: float = 0.80  # large-matmul fraction of bf16_tflops (measured for H100/H200, else assumed)
+    # the fraction of that matmul rate a model's passes reach (smaller and odd shapes, attention, the op's
+    # tiles), training / log-prob passes and the sampler's prefill and decode steps: fitted on the CPU
+    # (bench/plan_check.py --fit), 1 on GPUs until a GPU session refits them (--refit)
+    pass_efficiency: float = 1.0
+    generation_efficiency: float = 1.0
     launch_us: float = 5.0  # per kernel launch, host + device (the op's model)
     fp32_tflops: float = 0.0  # non-tensor-core float32 (a model.dtype float32 run on GPU)
     memory_gib: float = 0.0  # what the device has (nvidia-smi's total)
@@ -47,11 +52,10 @@ class Device:
         """The measured matmul peak: what "% of peak" is measured against."""
         return self.bf16_tflops * self.efficiency
 
-    def flops_per_s(self, dtype_bytes: int) -> float:
-        """Achievable matmul FLOP/s in the compute dtype (2: bf16 tensor cores, 4: float32)."""
-        if dtype_bytes == 4 and self.cuda:
-            return self.fp32_tflops * 1e12 * self.efficiency
-        return self.matmul_tflops * 1e12
+    def flops_per_s(self, dtype_bytes: int, *, generation: bool = False) -> float:
+        """A model pass's FLOP/s in the compute dtype (2: bf16 tensor cores, 4: float32)."""
+        peak = self.fp32_tflops * self.efficiency if (dtype_bytes == 4 and self.cuda) else self.matmul_tflops
+        return peak * 1e12 * (self.generation_efficiency if generation else self.pass_efficiency)
 
 
 DEVICES = {
@@ -71,11 +75,13 @@ DEVICES = {
 KINDS = (*DEVICES, "cpu")
 OVERHEADS = ("layer_us", "pass_us", "decode_step_us", "step_us")  # the order of timing.Phase.calls
 
-# The CPU's fixed costs (OVERHEADS), fitted by `python -m bench.plan_check --fit` on the 2-core AMD EPYC of
-# the README (one thread), and the resident memory of a process that has imported torch, transformers and
-# the engine and built a run.
-CPU_OVERHEADS_US = {"layer_us": 250.0, "pass_us": 3000.0, "decode_step_us": 1000.0, "step_us": 2000.0}
-CPU_RUNTIME_GIB = 0.40
+# The CPU's fixed costs (OVERHEADS) and the fractions of its measured matmul rate the model's passes and the
+# sampler reach, fitted by `python -m bench.plan_check --fit` on the 2-core AMD EPYC of the README (one
+# thread; least squares over the phases of its four cases), and the resident memory of a process that has
+# imported torch, transformers and the engine and built a run (the default case's peak RSS).
+CPU_OVERHEADS_US = {"layer_us": 0.0, "pass_us": 8000.0, "decode_step_us": 500.0, "step_us": 0.0}
+CPU_EFFICIENCY = {"pass_efficiency": 0.65, "generation_efficiency": 0.26}
+CPU_RUNTIME_GIB = 0.43
 
 
 def device(kind: str, *, threads: int | None = None) -> Device:
@@ -113,7 +119,7 @@ def measure_cpu(threads: int | None = None) -> Device:
     return Device(name=f"CPU ({threads} thread{'s' * (threads > 1)}, measured)",
                   bf16_tflops=flops / 1e12, hbm_tbs=bandwidth / 1e12, efficiency=1.0, memory_gib=ram,
                   link_gbs=bandwidth / 1e9 / 2, network_gbs=1.25, runtime_gib=CPU_RUNTIME_GIB, cuda=False,
-                  **CPU_OVERHEADS_US)
+                  **CPU_OVERHEADS_US, **CPU_EFFICIENCY)
 
 
 def _best_of(fn, reps: int = 3) -> float:

@@ -107,8 +107,6 @@ def generation(cfg: TrainConfig, arch: Architecture, w: Workload, num: Numerics,
     buckets = 2 * largest - 1 if (cfg.generation.compact_finished and largest) else 0
     prefill_tokens = w.gen_chunk_prompts * w.prompt_max
     working = prefill_tokens * (2 * arch.hidden + 2 * arch.intermediate) * num.generation
-    if not dev.cuda:  # SDPA's math path on CPU: one layer's [prompts, heads, P, P] scores and probabilities
-        working += 2 * w.gen_chunk_prompts * arch.heads * w.prompt_max**2 * 4
     return {"KV cache (static, one chunk)": cache,
             "KV cache (compaction buckets)": buckets * w.cache_length * per_token,
             "prefill (its cache and working set)": prefill_tokens * per_token + working}
@@ -122,8 +120,6 @@ def training(cfg: TrainConfig, arch: Architecture, w: Workload, num: Numerics, d
         activations = tokens * layers * arch.hidden * e + per_layer
     else:
         activations = layers * per_layer
-    if not dev.cuda:  # SDPA's math path, blockwise per group: [heads, L, L] probabilities saved per group
-        activations += layers * w.micro_batch_groups * arch.heads * w.group_tokens**2 * 4
     parts = {"activations (one micro-batch)": activations,
              "fused op (d hidden, d weight, plan)": _op(cfg, arch, scored, e, dev)}
     if num.sharded:  # the root group stays gathered through forward and backward; two layers in flight

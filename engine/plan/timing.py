@@ -115,7 +115,7 @@ def phases(cfg: TrainConfig, arch: Architecture, w: Workload, num: Numerics, dev
 def generate(arch: Architecture, w: Workload, num: Numerics, dev: Device) -> Phase:
     if not w.generates:
         return Phase()
-    rate, bw = dev.flops_per_s(num.generation), dev.hbm_tbs * 1e12
+    rate, bw = dev.flops_per_s(num.generation, generation=True), dev.hbm_tbs * 1e12
     prompts, rows = w.gen_chunk_prompts, w.gen_chunk_prompts * w.samples
     prefill = forward_flops(arch, prompts * w.prompt_max, prompts * w.prompt_max**2 / 2, prompts)
     q = arch.heads * arch.head_dim

@@ -2,8 +2,9 @@
 micro-batches the training passes forward (shared prefix, token budget), and how many passes there are.
 
 Lengths: the prompt's mean (`plan.prompt_tokens`; 0: known for the built-in prompt sets, else
-`data.max_prompt_tokens`, the worst case), the longest prompt of a generation batch (left padding:
-`data.max_prompt_tokens`, or the built-in set's longest), the response's mean (`plan.response_tokens`;
+`data.max_prompt_tokens`, the worst case), the longest prompt of a batch (left padding: `data.max_prompt_tokens`;
+a built-in set's lengths are uniform on [lo, hi], whose largest of n draws is lo + (hi - lo) n / (n + 1)
+on average), the response's mean (`plan.response_tokens`;
 0: `generation.max_new_tokens`). Generation always runs `max_new_tokens` decode steps (the loop stops
 when every row has finished, which the longest row decides).
 """
@@ -14,9 +15,9 @@ import math
 
 from engine.config import TrainConfig
 
-# The built-in prompt sets (engine/data/tasks.py): (mean, longest) prompt tokens, one token per character.
-BUILTIN_PROMPTS = {"builtin:counting": (3.5, 5), "builtin:counting_preferences": (3.5, 5),
-                   "builtin:counting_long": (160.0, 256)}
+# The built-in prompt sets (engine/data/tasks.py): prompt tokens uniform on [lo, hi], one per character.
+BUILTIN_PROMPTS = {"builtin:counting": (2, 5), "builtin:counting_preferences": (2, 5),
+                   "builtin:counting_long": (64, 256)}
 CACHE_LENGTH_STEP = 64  # engine/model/generate.py rounds cache lengths up to this
 
 
@@ -77,10 +78,11 @@ def folds(cfg: TrainConfig) -> bool:
             and algo.trained_samples == algo.samples_per_prompt)
 
 
-def lengths(cfg: TrainConfig) -> tuple[float, int, float]:
-    """(mean prompt, longest prompt, mean response) tokens."""
-    mean, longest = BUILTIN_PROMPTS.get(cfg.data.prompts, (cfg.data.max_prompt_tokens, cfg.data.max_prompt_tokens))
-    longest = min(longest, cfg.data.max_prompt_tokens)
+def lengths(cfg: TrainConfig, batch: int) -> tuple[float, int, float]:
+    """(mean prompt, longest prompt of a batch of `batch` prompts, mean response) tokens."""
+    lo, hi = BUILTIN_PROMPTS.get(cfg.data.prompts, (cfg.data.max_prompt_tokens, cfg.data.max_prompt_tokens))
+    hi = min(hi, cfg.data.max_prompt_tokens)
+    mean, longest = (lo + hi) / 2, round(lo + (hi - lo) * batch / (batch + 1))
     if cfg.plan.prompt_tokens:
         mean = cfg.plan.prompt_tokens
     response = cfg.plan.response_tokens or cfg.generation.max_new_tokens
@@ -96,7 +98,7 @@ def workload(cfg: TrainConfig, *, world: int, kv_bytes_per_token: int) -> Worklo
     algo, gen = cfg.algorithm, cfg.generation
     hybrid = cfg.data.partner_column is not None
     k = 1 if hybrid else gen.samples_per_prompt
-    mean, longest, response = lengths(cfg)
+    mean, longest, response = lengths(cfg, prompts)
     chunks, per_chunk, length = _generation_chunks(prompts, k, longest, gen, kv_bytes_per_token)
     packed, shared = cfg.train.micro_batch_tokens > 0, cfg.train.shared_prefix
     trained = algo.trained_samples
