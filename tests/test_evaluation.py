@@ -142,6 +142,22 @@ def test_same_weights_same_rows_and_kl_zero_at_start(tmp_path):
     assert a == b and a[0]["kl"] == 0.0
 
 
+def test_preference_model_win_rate(tmp_path):
+    """With a preference model configured (REBEL from preferences), the row holds its mean P(policy >
+    reference), both orders, with the missing-EOS rule: a cut response loses to the finished reference."""
+    base = eval_cfg(tmp_path / "run", iterations=1)
+    pref = C.PRESETS["counting_rebel_preference"]()
+    cfg = dataclasses.replace(base, algorithm=pref.algorithm, generation=pref.generation)
+    run = build(cfg)
+    row = run.evaluator(Models.of(run), 0)
+    with open(samples_path(cfg.run_dir, 0)) as f:
+        table = [json.loads(line) for line in f]
+    assert row["preference_win_rate"] == pytest.approx(sum(r["preference"] for r in table) / len(table))
+    assert all(r["preference"] == 0.0 for r in table if not r["finished"])
+    assert all(0.0 <= r["preference"] <= 1.0 for r in table)
+    run.lock.release()
+
+
 def test_resume_keeps_rows_once(tmp_path):
     """A run killed after an evaluation row but before its checkpoint replays it once; a resumed run does
     not repeat the rows its checkpoint covers; a fresh run in the same directory starts clean."""
