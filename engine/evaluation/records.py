@@ -19,7 +19,14 @@ import time
 import warnings
 
 from engine.runtime.checkpoint import write_text_atomically
-from engine.runtime.metrics import TENSORBOARD_DIR, json_value, parse_jsonl, plot_panels, write_jsonl_atomically
+from engine.runtime.metrics import (
+    TENSORBOARD_DIR,
+    json_value,
+    open_tensorboard,
+    parse_jsonl,
+    plot_panels,
+    write_jsonl_atomically,
+)
 
 from .scoring import Record
 
@@ -48,12 +55,11 @@ class EvalLog:
         self.tracker = tracker  # engine/runtime/tracking.py (wandb): the rows and the samples tables
         self.path = os.path.join(run_dir, EVAL_FILE)
         self._writer = None
-        self.done: set[int] = set()
         if not is_main:
             return
         self._prepare(-1 if keep_through is None else keep_through)
         if tensorboard:
-            self._writer = _tensorboard(os.path.join(run_dir, TENSORBOARD_DIR, "eval"), keep_through)
+            self._writer = open_tensorboard(os.path.join(run_dir, TENSORBOARD_DIR, "eval"), keep_through)
 
     def _prepare(self, keep_through: int) -> None:
         rows = [row for row in read_rows(self.run_dir) if row["iteration"] <= keep_through]
@@ -62,7 +68,6 @@ class EvalLog:
         for stale in glob.glob(os.path.join(self.run_dir, SAMPLES_DIR, "iter_*.jsonl")):
             if int(os.path.basename(stale)[5:13]) > keep_through:
                 os.remove(stale)
-        self.done = {row["iteration"] for row in rows}
 
     def write(self, iteration: int, metrics: dict, records: list[Record]) -> None:
         """The samples table, then the row (flushed and synced), then TensorBoard."""
@@ -77,7 +82,6 @@ class EvalLog:
             f.write(json.dumps(row, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.done.add(iteration)
         if self._writer is not None:
             for key, value in row.items():
                 if key not in ("iteration", "time") and value is not None:
@@ -130,12 +134,3 @@ def markdown_table(records: list[Record]) -> str:
 
     return head + "".join(f"| {r.index} | {cell(r.prompt)} | {cell(r.response)} | {cell(r.reference)} | "
                           f"{num(r.score)} | {num(r.reference_score)} | {num(r.kl)} |\n" for r in records)
-
-
-def _tensorboard(log_dir: str, keep_through: int | None):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        warnings.warn(f"TensorBoard logging of the evaluation skipped: {e} (pip install tensorboard)", stacklevel=3)
-        return None
-    return SummaryWriter(log_dir, purge_step=None if keep_through is None else keep_through + 1)

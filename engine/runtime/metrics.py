@@ -124,7 +124,9 @@ def _prepare_metrics_file(path: str, resume_from: int | None) -> None:
 # The logger
 
 
-def _open_tensorboard(log_dir: str, resume_from: int | None):
+def open_tensorboard(log_dir: str, resume_from: int | None):
+    """A SummaryWriter whose steps after `resume_from` are purged (None: a fresh run); None, with a
+    warning, without tensorboard."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
@@ -156,7 +158,7 @@ class MetricsLogger:
         _prepare_metrics_file(self.path, resume_from)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            self._writer = _open_tensorboard(os.path.join(run_dir, TENSORBOARD_DIR), resume_from)
+            self._writer = open_tensorboard(os.path.join(run_dir, TENSORBOARD_DIR), resume_from)
 
     def log(self, iteration: int, metrics: dict[str, float | int]) -> None:
         """Appends {"iteration", "time", **metrics} (flushed); non-finite values become null in the
