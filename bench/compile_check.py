@@ -149,29 +149,37 @@ def _logit_types(w: str) -> dict:
     return dict(h_ptr=w, w_ptr=w, b_ptr=w)
 
 
+def _tiled(kernel: str, target: Target, dtype: torch.dtype, cfg: TileConfig, types: dict, variants: dict, *,
+           with_tma: tuple, extra: dict, tiles: str, default: bool = True) -> list[Launch]:
+    """A tiled logits kernel's launches: each variant (name -> its flag constexprs) without TMA, and on sm_90
+    the variants in `with_tma` with TMA weight loads (recorded as skipped where the launcher would not pick
+    TMA); `extra`: the tile constexprs besides BLOCK_M/N/K; `tiles`: the tile entry's extra field."""
+    tma = _tma_picked(target, dtype, cfg)
+    out = []
+    for use_tma in (False, True) if target.cc >= 90 else (False,):
+        for name, flags in variants.items():
+            if use_tma and name not in with_tma:
+                continue
+            consts = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **extra,
+                          **_dot_constexprs(dtype), USE_TMA=use_tma)
+            out.append(Launch(kernel, target.name, _tname(dtype), ("tma+" if use_tma else "") + name,
+                              tuple(types.items()), tuple(consts.items()), cfg.num_warps, cfg.num_stages,
+                              _tiles(cfg, tiles), default=default and not use_tma, skip=tma if use_tma else ""))
+    return out
+
+
 def _fwd_partial(target: Target, dtype: torch.dtype, cfg: TileConfig | None = None) -> list[Launch]:
     cfg = cfg or tile_config_for("fwd", target.cc // 10, dtype)
     w = "*" + _tname(dtype)
     types = dict(_logit_types(w), idx_ptr="*i64", y_ptr="*i64", m_ptr="*fp32", s_ptr="*fp32", t_ptr="*fp32",
                  sz_ptr="*fp32", N="i32", V="i32", H="i32", stride_h="i32", stride_w="i32", z_scale="fp32",
                  cap_over_temp="fp32")
-    flags = {PLAIN: (False, False, False), "entropy": (False, False, True), "softcap": (False, True, False),
-             "bias+softcap+entropy": (True, True, True)}
-    tma = _tma_picked(target, dtype, cfg)
-    out = []
-    for use_tma in (False, True):
-        if use_tma and target.cc < 90:
-            continue
-        for name, (bias, softcap, entropy) in flags.items():
-            if use_tma and name not in (PLAIN, "bias+softcap+entropy"):
-                continue
-            consts = dict(HAS_BIAS=bias, HAS_SOFTCAP=softcap, WITH_ENTROPY=entropy, SPLIT_V=cfg.split_v,
-                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_dot_constexprs(dtype),
-                          USE_TMA=use_tma)
-            out.append(Launch("fwd_partial", target.name, _tname(dtype), ("tma+" if use_tma else "") + name,
-                              tuple(types.items()), tuple(consts.items()), cfg.num_warps, cfg.num_stages,
-                              _tiles(cfg, "split_v"), default=not use_tma, skip=tma if use_tma else ""))
-    return out
+    variants = {name: dict(HAS_BIAS=bias, HAS_SOFTCAP=softcap, WITH_ENTROPY=entropy)
+                for name, (bias, softcap, entropy) in {PLAIN: (False, False, False), "entropy": (False, False, True),
+                                                       "softcap": (False, True, False),
+                                                       "bias+softcap+entropy": (True, True, True)}.items()}
+    return _tiled("fwd_partial", target, dtype, cfg, types, variants, with_tma=(PLAIN, "bias+softcap+entropy"),
+                  extra=dict(SPLIT_V=cfg.split_v), tiles="split_v")
 
 
 def _fwd_combine(target: Target, dtype: None, cfg: None = None) -> list[Launch]:
@@ -195,20 +203,10 @@ def _dz(target: Target, dtype: torch.dtype, cfg: TileConfig | None = None) -> li
     cfg = cfg or tile_config_for("bwd", target.cc // 10, dtype)
     w = "*" + _tname(dtype)
     types = dict(_backward_types(w), dz_ptr=w, dbp_ptr="*fp32", r0="i32", n_rows="i32", c0="i32", n_cols="i32")
-    tma = _tma_picked(target, dtype, cfg)
-    out = []
-    for use_tma in (False, True):
-        if use_tma and target.cc < 90:
-            continue
-        for name, (bias, softcap) in _BWD_FLAGS.items():
-            if use_tma and name == "softcap":
-                continue
-            consts = dict(HAS_BIAS=bias, HAS_SOFTCAP=softcap, NEED_DB=bias, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                          BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, **_dot_constexprs(dtype), USE_TMA=use_tma)
-            out.append(Launch("dz", target.name, _tname(dtype), ("tma+" if use_tma else "") + name,
-                              tuple(types.items()), tuple(consts.items()), cfg.num_warps, cfg.num_stages,
-                              _tiles(cfg, "group_m"), default=not use_tma, skip=tma if use_tma else ""))
-    return out
+    variants = {name: dict(HAS_BIAS=bias, HAS_SOFTCAP=softcap, NEED_DB=bias)
+                for name, (bias, softcap) in _BWD_FLAGS.items()}
+    return _tiled("dz", target, dtype, cfg, types, variants, with_tma=(PLAIN, "bias+softcap"),
+                  extra=dict(GROUP_M=cfg.group_m), tiles="group_m")
 
 
 def _bwd_atomic(target: Target, dtype: torch.dtype, cfg: TileConfig | None = None) -> list[Launch]:
@@ -216,21 +214,10 @@ def _bwd_atomic(target: Target, dtype: torch.dtype, cfg: TileConfig | None = Non
     cfg = cfg or tile_config_for("bwd", target.cc // 10, dtype)
     w = "*" + _tname(dtype)
     types = dict(_backward_types(w), dh_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", N="i32")
-    tma = _tma_picked(target, dtype, cfg)
-    out = []
-    for use_tma in (False, True):
-        if use_tma and target.cc < 90:
-            continue
-        for name, (bias, softcap) in _BWD_FLAGS.items():
-            if name == "softcap":
-                continue
-            consts = dict(HAS_BIAS=bias, HAS_SOFTCAP=softcap, NEED_DH=True, NEED_DW=True, NEED_DB=bias,
-                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                          **_dot_constexprs(dtype), USE_TMA=use_tma)
-            out.append(Launch("bwd_atomic", target.name, _tname(dtype), ("tma+" if use_tma else "") + name,
-                              tuple(types.items()), tuple(consts.items()), cfg.num_warps, cfg.num_stages,
-                              _tiles(cfg, "group_m"), default=False, skip=tma if use_tma else ""))
-    return out
+    variants = {name: dict(HAS_BIAS=bias, HAS_SOFTCAP=softcap, NEED_DH=True, NEED_DW=True, NEED_DB=bias)
+                for name, (bias, softcap) in _BWD_FLAGS.items() if name != "softcap"}
+    return _tiled("bwd_atomic", target, dtype, cfg, types, variants, with_tma=tuple(variants),
+                  extra=dict(GROUP_M=cfg.group_m), tiles="group_m", default=False)
 
 
 def _pair_loss(target: Target, dtype: None, cfg: None = None) -> list[Launch]:
